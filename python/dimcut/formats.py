@@ -1,0 +1,105 @@
+"""The two sliced-model formats: their config.json, their loading, and parameter accounting.
+
+- `slicegpt`: per-layer rotations with shortcut matrices; model_type `dimcut_sliced`, modeling
+  code in `modeling_dimcut.py` (copied into the output, registered by `import dimcut`).
+- `plain`: one rotation for every layer, no shortcuts: a stock config with `hidden_size = d`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dimcut import modeling_dimcut
+from dimcut.architectures import Architecture
+from dimcut.plan import Widths
+
+MODELING_FILE = "modeling_dimcut.py"
+SHORTCUT_MARK = "_shortcut"
+
+
+def slicegpt_config(arch: Architecture, widths: Widths, provenance: dict) -> dict:
+    base = {k: v for k, v in arch.config.items() if k not in ("architectures", "auto_map")}
+    return {
+        **base,
+        "model_type": modeling_dimcut.MODEL_TYPE,
+        "base_model_type": arch.model_type,
+        "architectures": ["DimcutSlicedForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "modeling_dimcut.DimcutSlicedConfig",
+            "AutoModelForCausalLM": "modeling_dimcut.DimcutSlicedForCausalLM",
+        },
+        "original_hidden_size": arch.hidden_size,
+        "embedding_width": widths.embedding,
+        "mid_widths": list(widths.mid),
+        "out_widths": list(widths.out),
+        "head_dim": arch.head_dim,
+        "tie_word_embeddings": False,
+        "dimcut": provenance,
+    }
+
+
+def plain_config(arch: Architecture, width: int, provenance: dict) -> dict:
+    # RMSN_D(x) on a d-vector = RMSNorm_d(x)·√(D/d) with eps·D/d; the √(D/d) lives in the readers.
+    return {
+        **arch.config,
+        "hidden_size": width,
+        "head_dim": arch.head_dim,
+        "rms_norm_eps": arch.rms_norm_eps * arch.hidden_size / width,
+        "tie_word_embeddings": False,
+        "dimcut": provenance,
+    }
+
+
+def output_files(config: dict, fmt: str) -> dict[str, bytes]:
+    files = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    if fmt == "slicegpt":
+        files[MODELING_FILE] = Path(modeling_dimcut.__file__).read_bytes()
+    return files
+
+
+def count_parameters(model_dir: str | Path) -> dict:
+    """Parameters of a checkpoint (dense or sliced), read from its safetensors headers.
+
+    Returns {"total", "shortcuts", "without_shortcuts"} and, for dimcut outputs, the sliced facts
+    recorded in config.json ("hidden_size" d, "original_hidden_size" D, "effective_sparsity").
+    """
+    from dimcut.engine import inspect_checkpoint
+
+    tensors = inspect_checkpoint(model_dir)
+    total = shortcuts = 0
+    for name, (_dtype, shape, _file) in tensors.items():
+        size = 1
+        for dim in shape:
+            size *= dim
+        total += size
+        if SHORTCUT_MARK in name:
+            shortcuts += size
+    counts = {"total": total, "shortcuts": shortcuts, "without_shortcuts": total - shortcuts}
+    config_path = Path(model_dir) / "config.json"
+    if config_path.is_file():
+        facts = json.loads(config_path.read_text()).get("dimcut") or {}
+        for key in ("hidden_size", "original_hidden_size", "effective_sparsity"):
+            if key in facts:
+                counts[key] = facts[key]
+    return counts
+
+
+def load(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = "float32"):
+    """Load a dense or dimcut-sliced checkpoint (either format); returns (model, tokenizer).
+
+    The tokenizer is None when the directory holds no tokenizer files.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    modeling_dimcut.register_auto_classes()
+    model_dir = Path(model_dir)
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    model.to(device).eval()
+    has_tokenizer = any(
+        (model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
+    return model, tokenizer

@@ -1,0 +1,234 @@
+"""The slicing plan: norm fusion, rotations and widths turned into engine ops.
+
+Each output tensor is described by one op (docs/plan-format.md). Rotations are referred to by
+name; the arrays themselves travel beside the ops. The rules (docs: ../shared slicegpt.md §1, §3):
+- linears fed by a norm get the norm's scale folded into their input columns, then `W ← W·Q`
+  with the incoming rotation, keeping the first `width` columns;
+- linears writing into the residual get `W ← Qᵀ·W` (and their bias too), keeping `width` rows;
+- the embedding is rotated like a reader (`E ← E·Q`), the head like a norm-fed reader;
+- `slicegpt` adds shortcut matrices `(Q_aᵀ Q_b)[:k_a, :k_b]` and drops the norm weights;
+- `plain` uses one Q everywhere and keeps stock norms with weight √(D/d), which is folded into
+  the readers' rotation instead so that the norm weight is an exact 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dimcut._core import DimcutError
+from dimcut.architectures import EMBEDDING, FINAL_NORM, LM_HEAD, Architecture
+
+FORMATS = ("slicegpt", "plain")
+
+# Tensors that stock checkpoints sometimes carry but models recompute.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Width of the residual stream at each point: embedding output, after attention, after MLP."""
+
+    embedding: int
+    mid: tuple[int, ...]
+    out: tuple[int, ...]
+
+    @classmethod
+    def constant(cls, width: int, num_layers: int, head_width: int | None = None) -> Widths:
+        out = [width] * num_layers
+        if head_width is not None:
+            out[-1] = head_width
+        return cls(width, (width,) * num_layers, tuple(out))
+
+    def layer_input(self, index: int) -> int:
+        return self.embedding if index == 0 else self.out[index - 1]
+
+    @property
+    def head(self) -> int:
+        return self.out[-1]
+
+
+@dataclass(frozen=True)
+class RotationNames:
+    """Array names of the rotation entering each residual point (same layout as Widths)."""
+
+    embedding: str
+    mid: tuple[str, ...]
+    out: tuple[str, ...]
+
+    @classmethod
+    def per_layer(cls, num_layers: int) -> RotationNames:
+        return cls(
+            "Q.embedding",
+            tuple(f"Q.{i}.mid" for i in range(num_layers)),
+            tuple(f"Q.{i}.out" for i in range(num_layers)),
+        )
+
+    @classmethod
+    def shared(cls, name: str, num_layers: int) -> RotationNames:
+        return cls(name, (name,) * num_layers, (name,) * num_layers)
+
+    def layer_input(self, index: int) -> str:
+        return self.embedding if index == 0 else self.out[index - 1]
+
+
+# In the plain format the readers of a norm use Q·√(D/d) (see module docstring).
+PLAIN_ROTATION = "Q"
+PLAIN_READER_ROTATION = "Q.norm_readers"
+PLAIN_NORM_ONES = "ones"
+
+
+def _op(name: str, **fields) -> dict:
+    return {"name": name, "source": name, **fields}
+
+
+def _reader_ops(weights, scale, rotation, width, tensors) -> list[dict]:
+    """Ops for linears that read the residual through a norm (q/k/v, gate/up, head)."""
+    ops = []
+    for weight in weights:
+        ops.append(_op(weight, col_scale=scale, in_rotation=rotation, in_keep=width))
+        bias = weight.removesuffix(".weight") + ".bias"
+        if bias in tensors:
+            ops.append(_op(bias))  # an output-side bias is untouched by an input rotation
+    return ops
+
+
+def _writer_ops(weight, rotation, width, tensors) -> list[dict]:
+    """Ops for a linear writing into the residual (o_proj, down_proj): rows rotated, bias too."""
+    ops = [_op(weight, out_rotation=rotation, out_keep=width)]
+    bias = weight.removesuffix(".weight") + ".bias"
+    if bias in tensors:
+        ops.append(_op(bias, out_rotation=rotation, out_keep=width))
+    return ops
+
+
+LAYER_PARTS = ("attention_readers", "attention_writer", "mlp_readers", "mlp_writer", "extras")
+
+
+def layer_op_groups(
+    arch: Architecture,
+    index: int,
+    fmt: str,
+    rotations: RotationNames,
+    widths: Widths,
+    tensors: dict,
+    dtype: str,
+) -> dict[str, list[dict]]:
+    """Ops of decoder layer `index`, grouped by LAYER_PARTS (calibration runs them in stages)."""
+    family = arch.family
+    plain = fmt == "plain"
+    width_in, width_mid, width_out = widths.layer_input(index), widths.mid[index], widths.out[index]
+    q_in, q_mid, q_out = rotations.layer_input(index), rotations.mid[index], rotations.out[index]
+    groups = {
+        "attention_readers": _reader_ops(
+            arch.attention_input_weights(index),
+            arch.norm_weight(index, "attention"),
+            PLAIN_READER_ROTATION if plain else q_in,
+            width_in,
+            tensors,
+        ),
+        "attention_writer": _writer_ops(
+            arch.layer(index, family.attention_output) + ".weight", q_mid, width_mid, tensors
+        ),
+        "mlp_readers": _reader_ops(
+            arch.mlp_input_weights(index),
+            arch.norm_weight(index, "mlp"),
+            PLAIN_READER_ROTATION if plain else q_mid,
+            width_mid,
+            tensors,
+        ),
+        "mlp_writer": _writer_ops(
+            arch.layer(index, family.mlp_output) + ".weight", q_out, width_out, tensors
+        ),
+    }
+    if plain:
+        groups["extras"] = [
+            _literal(arch.norm_weight(index, which), PLAIN_NORM_ONES, dtype)
+            for which in ("attention", "mlp")
+        ]
+    else:
+        prefix = f"model.layers.{index}."
+        groups["extras"] = [
+            _shortcut(prefix + "attn_shortcut", q_in, q_mid, width_in, width_mid, dtype),
+            _shortcut(prefix + "mlp_shortcut", q_mid, q_out, width_mid, width_out, dtype),
+        ]
+    return groups
+
+
+def unrotated(op: dict) -> dict:
+    """The op without rotations or slicing (norm fusion and dtype kept)."""
+    return {**op, "in_rotation": None, "in_keep": None, "out_rotation": None, "out_keep": None}
+
+
+def _literal(name: str, array: str, dtype: str) -> dict:
+    return {"name": name, "source": None, "literal": array, "dtype": dtype}
+
+
+def _shortcut(name, rotation_a, rotation_b, keep_a, keep_b, dtype) -> dict:
+    return {"name": name, "source": None, "shortcut": [rotation_a, rotation_b, keep_a, keep_b], "dtype": dtype}
+
+
+def model_ops(
+    arch: Architecture,
+    fmt: str,
+    rotations: RotationNames,
+    widths: Widths,
+    tensors: dict,
+) -> list[dict]:
+    """Ops for the whole checkpoint; refuses tensors the architecture does not explain."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if EMBEDDING not in tensors:
+        raise DimcutError(f"the checkpoint has no {EMBEDDING}; is it a {arch.model_type} model?")
+    dtype = tensors[EMBEDDING][0]
+    plain = fmt == "plain"
+    ops = [_op(EMBEDDING, in_rotation=rotations.embedding, in_keep=widths.embedding)]
+    for index in range(arch.num_layers):
+        groups = layer_op_groups(arch, index, fmt, rotations, widths, tensors, dtype)
+        ops += [op for part in LAYER_PARTS for op in groups[part]]
+    head_source = LM_HEAD if LM_HEAD in tensors else EMBEDDING  # tied embeddings get untied
+    ops.append(
+        {
+            "name": LM_HEAD,
+            "source": head_source,
+            "col_scale": FINAL_NORM,
+            "in_rotation": PLAIN_READER_ROTATION if plain else rotations.out[-1],
+            "in_keep": widths.head,
+        }
+    )
+    if plain:
+        ops.append(_literal(FINAL_NORM, PLAIN_NORM_ONES, dtype))
+    _check_coverage(arch, ops, tensors)
+    return ops
+
+
+def _check_coverage(arch: Architecture, ops: list[dict], tensors: dict) -> None:
+    used = {op["source"] for op in ops} | {op.get("col_scale") for op in ops}
+    missing = sorted(n for n in used if n is not None and n not in tensors)
+    if missing:
+        raise DimcutError(
+            f"the checkpoint lacks tensors a {arch.model_type} model with {arch.num_layers} "
+            f"layers needs: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}"
+        )
+    unexplained = sorted(
+        n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+    )
+    if unexplained:
+        raise DimcutError(
+            f"the checkpoint has tensors dimcut does not know how to slice for model_type "
+            f"{arch.model_type!r}: {', '.join(unexplained[:5])}"
+            f"{' …' if len(unexplained) > 5 else ''}"
+        )
+
+
+def output_shape(op: dict, tensors: dict) -> tuple[int, ...]:
+    """Shape of the tensor an op produces, given the source inventory (name → (dtype, shape, file))."""
+    if op.get("shortcut"):
+        return (op["shortcut"][2], op["shortcut"][3])
+    if op.get("literal"):
+        raise ValueError("literal shapes come from their arrays")
+    shape = list(tensors[op["source"]][1])
+    if op.get("in_keep") is not None:
+        shape[-1] = op["in_keep"]
+    if op.get("out_keep") is not None:
+        shape[0] = op["out_keep"]
+    return tuple(shape)

