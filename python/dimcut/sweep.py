@@ -1,0 +1,177 @@
+"""`dimcut sweep`: evaluate the dense model and a series of sliced ones, resumably.
+
+Layout of RUNS/: `dense.json` and `s<sparsity>.json` results records (written atomically as each
+point finishes, so a crash loses at most the point in progress), `models/s<sparsity>/` sliced
+checkpoints while being evaluated (kept with --keep-models), and for the plain format
+`rotations-plain.npz`, computed once and reused by every point.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from dimcut.evaluation import SCHEMA, evaluate, write_results
+
+PLAIN_ROTATIONS = "rotations-plain.npz"
+
+
+def point_name(sparsity: float) -> str:
+    return "dense" if sparsity == 0 else f"s{sparsity:g}"
+
+
+def finished(record_path: Path) -> bool:
+    """A point is finished when its record exists and parses (records are written atomically)."""
+    try:
+        return json.loads(record_path.read_text()).get("schema") == SCHEMA
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def parse_sparsities(text: str) -> list[float]:
+    try:
+        values = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not 0 < v < 1]
+    if not values or bad:
+        raise ValueError(f"--sparsities must lie in (0, 1); got {text!r}")
+    return values
+
+
+def sweep(
+    model_dir: str | Path,
+    sparsities: list[float],
+    runs_dir: str | Path,
+    *,
+    slice_options: dict | None = None,
+    eval_options: dict | None = None,
+    label: str | None = None,
+    keep_models: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Run (or resume) a sweep; returns the record paths, dense first."""
+    from tqdm.auto import tqdm
+
+    from dimcut.calibration import calibrate, save_rotations
+    from dimcut.slicing import slice_model
+
+    model_dir, runs_dir = Path(model_dir), Path(runs_dir)
+    slice_options = dict(slice_options or {})
+    eval_options = dict(eval_options or {})
+    label = label or model_dir.resolve().name
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    points = [0.0, *sparsities]
+    records = [runs_dir / f"{point_name(s)}.json" for s in points]
+    todo = [(s, r) for s, r in zip(points, records, strict=True) if not finished(r)]
+    if len(todo) < len(points) and progress:
+        print(f"resuming: {len(points) - len(todo)} of {len(points)} points already finished")
+    fmt = slice_options.get("fmt", "slicegpt")
+    rotations = runs_dir / PLAIN_ROTATIONS
+    if fmt == "plain" and any(s > 0 for s, _ in todo) and not rotations.is_file():
+        # One calibration serves every sparsity: the plain rotation does not depend on s.
+        calibrated = calibrate(
+            model_dir,
+            fmt="plain",
+            width=0,
+            **{k: v for k, v in slice_options.items() if k in _CALIBRATE_KEYS},
+            progress=progress,
+        )
+        save_rotations(rotations, calibrated)
+    bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
+    for sparsity, record_path in bar:
+        bar.set_postfix_str(point_name(sparsity))
+        started = time.perf_counter()
+        target = model_dir
+        sliced_dir = runs_dir / "models" / point_name(sparsity)
+        if sparsity > 0:
+            sliced_dir.parent.mkdir(exist_ok=True)
+            options = dict(slice_options)
+            if fmt == "plain":
+                options["rotations_file"] = rotations
+            slice_model(model_dir, sparsity, sliced_dir, overwrite=True, progress=progress, **options)
+            target = sliced_dir
+        record = evaluate(target, label=label, **eval_options)
+        record["sweep"] = {"point_seconds": time.perf_counter() - started}
+        write_results(record, record_path)
+        if sparsity > 0 and not keep_models:
+            shutil.rmtree(sliced_dir)
+    bar.close()
+    return records
+
+
+_CALIBRATE_KEYS = {"calib", "nsamples", "seqlen", "seed", "device", "memory_budget"}
+
+
+def add_commands(subparsers) -> None:
+    from dimcut.evaluation import DEFAULT_PPL_SOURCE, DEFAULT_TASKS, TASKS
+
+    parser = subparsers.add_parser(
+        "sweep",
+        help="slice at several sparsities and evaluate each point (resumable)",
+        description=(
+            "Evaluate the dense model once and every sparsity point, writing one results "
+            "record per point into RUNS/ as it finishes. Rerunning resumes: finished points are "
+            "skipped, an interrupted point is redone. Feed RUNS/ to `dimcut fit`."
+        ),
+    )
+    parser.add_argument("model", help="dense checkpoint directory, or 'smollm2'")
+    parser.add_argument("--sparsities", default="0.1,0.2,0.25,0.3,0.4", help="comma-separated s values in (0, 1)")
+    parser.add_argument("--out", required=True, help="RUNS directory for records (and models)")
+    parser.add_argument("--label", help="model name for the laws (default: the directory name)")
+    parser.add_argument("--keep-models", action="store_true", help="keep the sliced checkpoints")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    group = parser.add_argument_group("slicing")
+    group.add_argument("--format", choices=("slicegpt", "plain"), default="slicegpt")
+    group.add_argument("--calib", default=None, help="calibration text (default: built-in corpus)")
+    group.add_argument("--nsamples", type=int, default=128)
+    group.add_argument("--calib-seqlen", type=int, default=2048)
+    group.add_argument("--calib-seed", type=int, default=42)
+    group.add_argument("--round-to", type=int, default=8)
+    group.add_argument("--slice-head", action="store_true")
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--ppl", default=DEFAULT_PPL_SOURCE, help="perplexity text source or 'none'")
+    group.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
+    group.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"from {', '.join(TASKS)}, or 'none'")
+    group.add_argument("--task-data", default=None)
+    group.add_argument("--limit", type=int, default=None)
+    group.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from dimcut.slicing import resolve_model
+
+    tasks = [] if args.tasks.strip() == "none" else [t.strip() for t in args.tasks.split(",")]
+    records = sweep(
+        resolve_model(args.model),
+        parse_sparsities(args.sparsities),
+        args.out,
+        slice_options={
+            "fmt": args.format,
+            "calib": args.calib,
+            "nsamples": args.nsamples,
+            "seqlen": args.calib_seqlen,
+            "seed": args.calib_seed,
+            "device": args.device,
+            "round_to": args.round_to,
+            "slice_head": args.slice_head,
+        },
+        eval_options={
+            "ppl": None if args.ppl == "none" else args.ppl,
+            "seqlen": args.seqlen,
+            "tasks": tasks,
+            "task_data": args.task_data,
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+            "device": args.device,
+        },
+        label=args.label,
+        keep_models=args.keep_models,
+        progress=not args.quiet,
+    )
+    print(f"{len(records)} records in {args.out}; fit them with `dimcut fit {args.out}`")
+    return 0
