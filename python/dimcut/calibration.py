@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -64,10 +65,14 @@ def calibration_documents(source: str | None) -> tuple[list[str], str]:
 
         text = gzip.decompress(BUILTIN_CORPUS.read_bytes()).decode("utf-8")
         return data_sources.split_raw_text(text), BUILTIN_SOURCE
-    return data_sources.load_documents(source, split="train"), data_sources.source_key(source, "train")
+    return data_sources.load_documents(source, split="train"), data_sources.source_key(
+        source, "train"
+    )
 
 
-def sample_sequences(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def sample_sequences(
+    tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int
+) -> torch.Tensor:
     """SliceGPT's sampling: from a seeded random document, join documents with "\\n\\n" until
     `seqlen` tokens, truncate; repeat `nsamples` times. Wraps around the end of the corpus."""
     if nsamples < 1 or seqlen < 2:
@@ -104,8 +109,9 @@ class ActivationStore:
         if nbytes <= budget_bytes:
             self.array = np.empty(shape, dtype=np.float32)
         else:
-            handle = tempfile.NamedTemporaryFile(dir=spill_dir, suffix=".f32", delete=False)
-            self.array = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=shape)
+            descriptor, path = tempfile.mkstemp(dir=spill_dir, suffix=".f32")
+            os.close(descriptor)  # np.memmap opens the file itself
+            self.array = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
         self.on_disk = isinstance(self.array, np.memmap)
 
     def batches(self, sequences_per_batch: int):
@@ -136,10 +142,9 @@ class LayerRunner:
     """Builds one stock decoder layer of the family at a time and runs its parts on a device."""
 
     def __init__(self, model_dir: Path, arch: Architecture, device: torch.device, seqlen: int):
+        import transformers
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-        import transformers
 
         self.model_dir = model_dir
         self.arch = arch
@@ -332,7 +337,9 @@ def _calibrate_sequential(arch, runner, tensors, hidden, mid, widths: Widths, pe
         """Run one half-layer on the sliced inputs of `source`; write its full-width residual."""
         q = rotations[rotation_name]
         width = widths_in_stage[0] if block == "attention" else widths_in_stage[1]
-        layer = runner.layer(index, _layer_weights(runner.model_dir, ops, {rotation_name: q}), widths_in_stage)
+        layer = runner.layer(
+            index, _layer_weights(runner.model_dir, ops, {rotation_name: q}), widths_in_stage
+        )
         # The residual of the sliced inputs, back in the original basis: x Q[:, :width]ᵀ.
         back = torch.from_numpy(np.ascontiguousarray(q[:, :width].T)).float().to(runner.device)
         compute = runner.attention if block == "attention" else runner.mlp
@@ -345,12 +352,24 @@ def _calibrate_sequential(arch, runner, tensors, hidden, mid, widths: Widths, pe
     for index in range(arch.num_layers):
         groups = layer_op_groups(arch, index, "slicegpt", names, widths, tensors, "F32")
         # Attention: q/k/v rotated by the incoming Q; o_proj still writes the full width D.
-        attention_ops = groups["attention_readers"] + [unrotated(op) for op in groups["attention_writer"]]
-        run_stage(index, attention_ops, names.layer_input(index), (widths.layer_input(index), full, full), hidden, mid, "attention")
+        attention_ops = groups["attention_readers"] + [
+            unrotated(op) for op in groups["attention_writer"]
+        ]
+        run_stage(
+            index,
+            attention_ops,
+            names.layer_input(index),
+            (widths.layer_input(index), full, full),
+            hidden,
+            mid,
+            "attention",
+        )
         project(mid, pca_of(mid, names.mid[index]), widths.mid[index])
         # MLP: gate/up rotated by Q_mid; down_proj still writes the full width D.
         mlp_ops = groups["mlp_readers"] + [unrotated(op) for op in groups["mlp_writer"]]
-        run_stage(index, mlp_ops, names.mid[index], (full, widths.mid[index], full), mid, hidden, "mlp")
+        run_stage(
+            index, mlp_ops, names.mid[index], (full, widths.mid[index], full), mid, hidden, "mlp"
+        )
         project(hidden, pca_of(hidden, names.out[index]), widths.out[index])
         bar.update()
     return rotations, eigenvalues
@@ -369,7 +388,9 @@ def save_rotations(path: str | Path, calibrated: Calibrated) -> None:
     tmp.replace(path)
 
 
-def load_rotations(path: str | Path, arch: Architecture, fmt: str, width: int | None = None) -> Calibrated:
+def load_rotations(
+    path: str | Path, arch: Architecture, fmt: str, width: int | None = None
+) -> Calibrated:
     """Read rotations saved by `save_rotations`, refusing ones made for another model or format."""
     path = Path(path)
     if not path.is_file():
@@ -377,7 +398,9 @@ def load_rotations(path: str | Path, arch: Architecture, fmt: str, width: int | 
     with np.load(path, allow_pickle=False) as data:
         record = json.loads(bytes(data["record"]).decode())
         rotations = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("rotation/")}
-        eigenvalues = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("eigenvalues/")}
+        eigenvalues = {
+            k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("eigenvalues/")
+        }
     if (record.get("hidden_size"), record.get("num_layers")) != (arch.hidden_size, arch.num_layers):
         raise DimcutError(
             f"--rotations {path}: made for hidden size {record.get('hidden_size')} and "
@@ -385,7 +408,9 @@ def load_rotations(path: str | Path, arch: Architecture, fmt: str, width: int | 
             f"{arch.num_layers}"
         )
     if record.get("format") != fmt:
-        raise DimcutError(f"--rotations {path}: made for format {record.get('format')!r}, not {fmt!r}")
+        raise DimcutError(
+            f"--rotations {path}: made for format {record.get('format')!r}, not {fmt!r}"
+        )
     if fmt == "slicegpt" and width is not None and record.get("width") != width:
         raise DimcutError(
             f"--rotations {path}: slicegpt rotations depend on the width; these were computed "
