@@ -52,9 +52,18 @@ def slicegpt(model, tokens: torch.Tensor, width: int):
         x = (x @ q)[..., :width]
         layers = []
         for layer in inner.layers:
-            attn_norm, mlp_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-            readers_attn = {n: l.weight * attn_norm for n, l in _linears(layer.self_attn).items() if n != "o_proj"}
-            readers_mlp = {n: l.weight * mlp_norm for n, l in _linears(layer.mlp).items() if n != "down_proj"}
+            attn_norm, mlp_norm = (
+                layer.input_layernorm.weight,
+                layer.post_attention_layernorm.weight,
+            )
+            readers_attn = {
+                n: l.weight * attn_norm
+                for n, l in _linears(layer.self_attn).items()
+                if n != "o_proj"
+            }
+            readers_mlp = {
+                n: l.weight * mlp_norm for n, l in _linears(layer.mlp).items() if n != "down_proj"
+            }
             for name, w in readers_attn.items():
                 getattr(layer.self_attn, name).weight = nn.Parameter(w @ q[:, :width])
             shortcut_attn = q.T[:width, :]
@@ -83,10 +92,17 @@ def slicegpt(model, tokens: torch.Tensor, width: int):
 
     def logits(input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            cos_, sin_ = rotary(torch.zeros(1, input_ids.shape[1], 1, dtype=torch.float64), torch.arange(input_ids.shape[1])[None])
+            cos_, sin_ = rotary(
+                torch.zeros(1, input_ids.shape[1], 1, dtype=torch.float64),
+                torch.arange(input_ids.shape[1])[None],
+            )
             h = embedding[input_ids]
             for layer, s_attn, s_mlp in layers:
-                a, _ = layer.self_attn(hidden_states=rmsn(h, D, eps), position_embeddings=(cos_, sin_), attention_mask=None)
+                a, _ = layer.self_attn(
+                    hidden_states=rmsn(h, D, eps),
+                    position_embeddings=(cos_, sin_),
+                    attention_mask=None,
+                )
                 h = h @ s_attn + a
                 h = h @ s_mlp + layer.mlp(rmsn(h, D, eps))
             return rmsn(h, D, eps) @ head.T

@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+
+import dimcut
+from dimcut.calibration import calibration_documents, sample_sequences
 from slicegpt_oracle import slicegpt
 from test_formats import dir_digest
 from tiny_models import FAMILY_CONFIGS, save_tiny_model, tiny_logits
 
-import dimcut
-from dimcut.calibration import calibration_documents, sample_sequences
-
-CALIB = dict(nsamples=4, seqlen=32, seed=3, progress=False)
+CALIB = {"nsamples": 4, "seqlen": 32, "seed": 3, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,20 @@ def test_streamed_calibration_matches_in_memory_oracle(llama, tmp_path):
     names = ["Q.embedding"] + [f"Q.{i}.{p}" for i in range(2) for p in ("mid", "out")]
     for name, expected in zip(names, oracle_rotations, strict=True):
         kept = expected.shape[0] if name == "Q.1.out" else width
-        alignment = np.abs(np.sum(calibrated.rotations[name][:, :kept] * expected[:, :kept].numpy(), axis=0))
-        assert alignment.min() > 0.999, f"{name}: columns differ beyond sign ({alignment.min():.5f})"
-    dimcut.write_sliced_model(llama, tmp_path / "out", fmt="slicegpt", rotations=calibrated.rotations, width=width, progress=False)
+        alignment = np.abs(
+            np.sum(calibrated.rotations[name][:, :kept] * expected[:, :kept].numpy(), axis=0)
+        )
+        assert alignment.min() > 0.999, (
+            f"{name}: columns differ beyond sign ({alignment.min():.5f})"
+        )
+    dimcut.write_sliced_model(
+        llama,
+        tmp_path / "out",
+        fmt="slicegpt",
+        rotations=calibrated.rotations,
+        width=width,
+        progress=False,
+    )
     probe = token_batch(llama)
     ours = tiny_logits(tmp_path / "out", probe).double()
     theirs = oracle_logits(probe)
@@ -85,7 +96,14 @@ def test_pca_beats_random_rotation_on_low_rank_stream(tmp_path):
     pca_error = (tiny_logits(pca_out, tokens) - reference).abs().max().item()
     from tiny_models import random_orthogonal
 
-    dimcut.write_sliced_model(dense, tmp_path / "random", fmt="plain", rotations={"Q": random_orthogonal(64, 9)}, width=16, progress=False)
+    dimcut.write_sliced_model(
+        dense,
+        tmp_path / "random",
+        fmt="plain",
+        rotations={"Q": random_orthogonal(64, 9)},
+        width=16,
+        progress=False,
+    )
     random_error = (tiny_logits(tmp_path / "random", tokens) - reference).abs().max().item()
     assert pca_error < 1e-3 * reference.abs().max().item()
     assert random_error > 100 * pca_error
@@ -100,7 +118,9 @@ def test_same_seed_gives_byte_identical_output(llama, tmp_path):
 def test_saved_rotations_are_reused_and_checked(llama, tmp_path):
     rotations = tmp_path / "rot.npz"
     dimcut.slice_model(llama, 0.25, tmp_path / "a", fmt="plain", save_rotations=rotations, **CALIB)
-    dimcut.slice_model(llama, 0.5, tmp_path / "b", fmt="plain", rotations_file=rotations, progress=False)
+    dimcut.slice_model(
+        llama, 0.5, tmp_path / "b", fmt="plain", rotations_file=rotations, progress=False
+    )
     assert dimcut.count_parameters(tmp_path / "b")["hidden_size"] == 32
     with pytest.raises(dimcut.DimcutError, match="format 'plain', not 'slicegpt'"):
         dimcut.slice_model(llama, 0.25, tmp_path / "c", fmt="slicegpt", rotations_file=rotations)
@@ -147,11 +167,11 @@ def test_perplexity_rises_with_sparsity(trained_llama, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(sparsity=1.0), ValueError, "sparsity"),
-        (dict(sparsity=-0.2), ValueError, "sparsity"),
-        (dict(sparsity=0.99), ValueError, "width 0"),
-        (dict(sparsity=0.25, seqlen=100000), ValueError, "shorter than one sequence"),
-        (dict(sparsity=0.25, device="cuda"), ValueError, "CUDA"),
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": -0.2}, ValueError, "sparsity"),
+        ({"sparsity": 0.99}, ValueError, "width 0"),
+        ({"sparsity": 0.25, "seqlen": 10**7}, ValueError, "shorter than one sequence"),
+        ({"sparsity": 0.25, "device": "cuda"}, ValueError, "CUDA"),
     ],
 )
 def test_bad_input_writes_nothing(llama, tmp_path, kwargs, error, match):
@@ -182,7 +202,10 @@ def test_calibration_sampling_is_seeded_and_sized(llama):
     a = sample_sequences(tokenizer, docs, 3, 50, seed=1)
     b = sample_sequences(tokenizer, docs, 3, 50, seed=1)
     assert a.shape == (3, 50) and torch.equal(a, b)
-    assert hashlib.sha256(a.numpy().tobytes()).digest() != hashlib.sha256(
-        sample_sequences(tokenizer, docs, 3, 50, seed=2).numpy().tobytes()
-    ).digest()
+    assert (
+        hashlib.sha256(a.numpy().tobytes()).digest()
+        != hashlib.sha256(
+            sample_sequences(tokenizer, docs, 3, 50, seed=2).numpy().tobytes()
+        ).digest()
+    )
     assert math.isclose(float((a == tokenizer.bos_token_id).sum()), 3)  # one BOS per sequence

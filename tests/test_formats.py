@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILY_CONFIGS, VOCAB, random_orthogonal, save_tiny_model, tiny_logits
 
 import dimcut
 from dimcut.architectures import describe, sliced_width
 from dimcut.plan import RotationNames
 from dimcut.slicing import write_sliced_model
+from tiny_models import FAMILY_CONFIGS, VOCAB, random_orthogonal, save_tiny_model, tiny_logits
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 TOKENS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -47,9 +47,7 @@ def family_model(request, tmp_path_factory):
 def test_full_rotation_reproduces_logits(family_model, fmt, tmp_path):
     family, dense = family_model
     before = dir_digest(dense)
-    rotations = (
-        {"Q": random_orthogonal(64, 7)} if fmt == "plain" else per_layer_rotations(64, 2)
-    )
+    rotations = {"Q": random_orthogonal(64, 7)} if fmt == "plain" else per_layer_rotations(64, 2)
     out = tmp_path / "rotated"
     write_sliced_model(dense, out, fmt=fmt, rotations=rotations, width=64, progress=False)
     reference = tiny_logits(dense, TOKENS)
@@ -71,7 +69,9 @@ def test_sliced_shapes_config_and_counts(family_model, fmt, tmp_path):
     arch = describe(json.loads((dense / "config.json").read_text()))
     tensors = dimcut.inspect_checkpoint(out)
     assert tensors["model.embed_tokens.weight"][1] == [VOCAB, width]
-    assert tensors["model.layers.1.mlp.down_proj.weight"][1] == [width, arch.intermediate_size]
+    last_width = width if fmt == "plain" else 64  # slicegpt leaves the head (and its input) at D
+    assert tensors["model.layers.1.mlp.down_proj.weight"][1] == [last_width, arch.intermediate_size]
+    assert tensors["model.layers.0.mlp.down_proj.weight"][1] == [width, arch.intermediate_size]
     assert config["dimcut"]["hidden_size"] == width
     assert config["dimcut"]["original_hidden_size"] == 64
     assert config["dimcut"]["effective_sparsity"] == pytest.approx(0.25)
@@ -90,7 +90,9 @@ def test_sliced_shapes_config_and_counts(family_model, fmt, tmp_path):
         expected += L * (3 * d * inter) + (2 * L + 1) * d + bias
         assert counts["shortcuts"] == 0
     else:
-        assert config["model_type"] == "dimcut_sliced" and config["base_model_type"] == arch.model_type
+        assert (
+            config["model_type"] == "dimcut_sliced" and config["base_model_type"] == arch.model_type
+        )
         assert config["mid_widths"] == [d, d] and config["out_widths"] == [d, D]  # head unsliced
         shortcuts = 2 * d * d + d * d + d * D  # attn d×d twice; mlp d×d, then d×D (head unsliced)
         expected = V * d + V * D + L * (d * attn_readers + d * arch.num_heads * arch.head_dim)
@@ -101,7 +103,7 @@ def test_sliced_shapes_config_and_counts(family_model, fmt, tmp_path):
     assert counts["total"] < dense_params or fmt == "slicegpt"
 
     model, tokenizer = dimcut.load(out)
-    assert tokenizer is not None and len(tokenizer) == VOCAB
+    assert tokenizer is not None  # copied from the input
     with torch.no_grad():
         logits = model(TOKENS).logits
     assert logits.shape == (2, 12, VOCAB) and torch.isfinite(logits).all()
@@ -126,10 +128,14 @@ def test_slicegpt_loads_without_dimcut_and_round_trips(tmp_path):
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)
         tokens = torch.tensor({TOKENS.tolist()})
         with torch.no_grad():
-            torch.save(model(tokens).logits, {str(tmp_path / 'remote.pt')!r})
+            torch.save(model(tokens).logits, {str(tmp_path / "remote.pt")!r})
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     remote = torch.load(tmp_path / "remote.pt", weights_only=True)
     assert torch.equal(remote, expected)
     # save_pretrained of a loaded sliced model round-trips.

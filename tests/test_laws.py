@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dimcut import laws
 from dimcut.laws import (
     PERPLEXITY,

@@ -52,19 +52,19 @@ def tiny_config(family: str, hidden_size: int = 64, layers: int = 2):
     import transformers
 
     class_name, extra = FAMILY_CONFIGS[family]
-    fields = dict(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size + 16,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=0,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-    )
+    fields = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size + 16,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # GQA
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "tie_word_embeddings": False,
+    }
     fields.update(extra)
     return getattr(transformers, class_name)(**fields)
 

@@ -84,16 +84,19 @@ def sample_sequences(
     samples = []
     for _ in range(nsamples):
         start = rng.randrange(len(documents))
-        text, taken, ids = "", 0, []
-        while len(ids) < seqlen:
-            if taken == len(documents):
+        count = 1
+        while True:
+            window = (documents[(start + i) % len(documents)] for i in range(count))
+            ids = tokenizer("\n\n".join(window), add_special_tokens=True)["input_ids"]
+            if len(ids) >= seqlen:
+                break
+            if count == len(documents):
                 raise ValueError(
                     f"the calibration text has {len(ids)} tokens, shorter than one sequence of "
                     f"--seqlen {seqlen}"
                 )
-            text += ("\n\n" if taken else "") + documents[(start + taken) % len(documents)]
-            taken += 1
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            # Grow geometrically towards the estimated need, so long sequences cost O(n).
+            count = min(len(documents), max(count + 1, int(count * 1.2 * seqlen / len(ids)) + 1))
         samples.append(ids[:seqlen])
     return torch.tensor(samples, dtype=torch.long)
 
@@ -155,7 +158,7 @@ class LayerRunner:
         with torch.device("meta"):
             skeleton = base_class(self.config)
         self.layer_class = type(skeleton.layers[0])
-        rotary = type(skeleton.rotary_emb)(config=self.config, device=device)
+        rotary = type(skeleton.rotary_emb)(config=self.config).to(device)
         positions = torch.arange(seqlen, device=device)[None]
         probe = torch.zeros(1, seqlen, 1, device=device)
         self.position_embeddings = rotary(probe, positions)
@@ -174,8 +177,12 @@ class LayerRunner:
         )
         prefix = f"model.layers.{index}."
         state = {k.removeprefix(prefix): torch.from_numpy(v) for k, v in weights.items()}
-        layer.load_state_dict(state, strict=False, assign=True)
-        return layer.to(self.device).eval()
+        # Parts a calibration stage does not run are left allocated but unset.
+        layer = layer.to_empty(device=self.device)
+        missing, unexpected = layer.load_state_dict(state, strict=False)
+        if unexpected:
+            raise DimcutError(f"layer {index}: unexpected tensors {unexpected}")
+        return layer.eval()
 
     def attention(self, layer, x: torch.Tensor) -> torch.Tensor:
         cos, sin = self.position_embeddings

@@ -130,13 +130,17 @@ def slice_decoder_layer(
     `shortcuts` maps "attn"/"mlp" to the shape of its shortcut matrix, or None for identity.
     """
     for name, (in_features, out_features) in linears.items():
-        _set_module(layer, name, _resize_linear(layer.get_submodule(name), in_features, out_features))
+        _set_module(
+            layer, name, _resize_linear(layer.get_submodule(name), in_features, out_features)
+        )
     layer.input_layernorm = RMSN(original_width, eps)
     layer.post_attention_layernorm = RMSN(original_width, eps)
     dtype = next(layer.parameters()).dtype
     device = next(layer.parameters()).device
     for which, shape in shortcuts.items():
-        value = None if shape is None else nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        value = (
+            None if shape is None else nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        )
         setattr(layer, f"{which}_shortcut", value)
     stock = type(layer)
     if stock not in _SLICED_LAYER_CLASSES.values():

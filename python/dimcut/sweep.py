@@ -91,7 +91,9 @@ def sweep(
             options = dict(slice_options)
             if fmt == "plain":
                 options["rotations_file"] = rotations
-            slice_model(model_dir, sparsity, sliced_dir, overwrite=True, progress=progress, **options)
+            slice_model(
+                model_dir, sparsity, sliced_dir, overwrite=True, progress=progress, **options
+            )
             target = sliced_dir
         record = evaluate(target, label=label, **eval_options)
         record["sweep"] = {"point_seconds": time.perf_counter() - started}
@@ -118,7 +120,9 @@ def add_commands(subparsers) -> None:
         ),
     )
     parser.add_argument("model", help="dense checkpoint directory, or 'smollm2'")
-    parser.add_argument("--sparsities", default="0.1,0.2,0.25,0.3,0.4", help="comma-separated s values in (0, 1)")
+    parser.add_argument(
+        "--sparsities", default="0.1,0.2,0.25,0.3,0.4", help="comma-separated s values in (0, 1)"
+    )
     parser.add_argument("--out", required=True, help="RUNS directory for records (and models)")
     parser.add_argument("--label", help="model name for the laws (default: the directory name)")
     parser.add_argument("--keep-models", action="store_true", help="keep the sliced checkpoints")
@@ -134,7 +138,9 @@ def add_commands(subparsers) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument("--ppl", default=DEFAULT_PPL_SOURCE, help="perplexity text source or 'none'")
     group.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
-    group.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"from {', '.join(TASKS)}, or 'none'")
+    group.add_argument(
+        "--tasks", default=",".join(DEFAULT_TASKS), help=f"from {', '.join(TASKS)}, or 'none'"
+    )
     group.add_argument("--task-data", default=None)
     group.add_argument("--limit", type=int, default=None)
     group.add_argument("--batch-size", type=int, default=1)
