@@ -8,9 +8,9 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+unknown"
 
 from dimcut._core import DimcutError
-from dimcut.engine import TensorOp, inspect_checkpoint, rewrite_checkpoint, rewrite_tensors
 from dimcut.architectures import Architecture, load_architecture, sliced_width
 from dimcut.calibration import Calibrated, calibrate, load_rotations, save_rotations
+from dimcut.engine import TensorOp, inspect_checkpoint, rewrite_checkpoint, rewrite_tensors
 from dimcut.evaluation import evaluate, perplexity
 from dimcut.formats import count_parameters, load
 from dimcut.laws import (

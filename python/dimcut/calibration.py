@@ -179,7 +179,7 @@ class LayerRunner:
         state = {k.removeprefix(prefix): torch.from_numpy(v) for k, v in weights.items()}
         # Parts a calibration stage does not run are left allocated but unset.
         layer = layer.to_empty(device=self.device)
-        missing, unexpected = layer.load_state_dict(state, strict=False)
+        unexpected = layer.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise DimcutError(f"layer {index}: unexpected tensors {unexpected}")
         return layer.eval()
