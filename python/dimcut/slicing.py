@@ -42,31 +42,29 @@ class SliceResult:
         return 1 - self.hidden_size / self.original_hidden_size
 
     def summary(self) -> str:
-        p = self.parameters
-        before = self.parameters_before
+        before, counts = self.parameters_before, self.parameters
+
+        def change(after: int) -> str:
+            delta = 100 * (after / before - 1)
+            return f"{after:,} ({abs(delta):.1f}% {'more' if delta > 0 else 'fewer'})"
+
         lines = [
             f"sliced model     {self.output} (format {self.format})",
-            (
-                f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
-                f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})"
-            ),
-            (
-                f"parameters       {before:,} -> {p['total']:,} "
-                f"({100 * (1 - p['total'] / before):.1f}% fewer)"
-            ),
-            (
-                f"  w/o shortcuts  {p['without_shortcuts']:,} "
-                f"({100 * (1 - p['without_shortcuts'] / before):.1f}% fewer)"
-            ),
+            f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
+            f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})",
+            f"parameters       {before:,} -> {change(counts['total'])}",
+            f"  w/o shortcuts  {change(counts['without_shortcuts'])}",
+        ]
+        if self.retained_variance:
+            kept = self.retained_variance
+            lines.append(
+                f"variance kept    min {min(kept):.4f}, mean {sum(kept) / len(kept):.4f} "
+                f"(of {len(kept)} PCA signals, by the first {self.hidden_size} directions)"
+            )
+        lines += [
             f"wall time        {self.seconds:.1f} s",
             f"peak memory      {self.peak_rss_bytes / 2**20:.0f} MiB (RSS)",
         ]
-        if self.retained_variance:
-            lines.insert(
-                3,
-                f"variance kept    min {min(self.retained_variance):.4f}, "
-                f"mean {sum(self.retained_variance) / len(self.retained_variance):.4f}",
-            )
         return "\n".join(lines)
 
 
