@@ -298,3 +298,40 @@ def test_sliced_checkpoint_record(tiny_llama_dir, tmp_path, fmt):
     assert model["parameters"]["without_shortcuts"] == model["parameters"]["total"] - shortcuts
     assert record["perplexity"]["overlaps_calibration"] is True  # calibrated on the same file
     assert math.isfinite(record["perplexity"]["ppl"])
+
+
+def test_sliced_model_same_numbers_with_or_without_dimcut(tiny_llama_dir, task_data, tmp_path):
+    """Calibrate and slice for real, then run lm-eval on the sliced model loaded two ways: through
+    `import dimcut` (registered Auto classes) and through trust_remote_code in a fresh
+    interpreter that cannot import dimcut. The numbers must be identical."""
+    import os
+    import subprocess
+    import sys
+
+    import dimcut
+
+    out = tmp_path / "sliced"
+    dimcut.slice_model(tiny_llama_dir, 0.25, out, nsamples=4, seqlen=32, progress=False)
+    dense = evaluate_tasks(
+        *dimcut.load(tiny_llama_dir), ["arc_easy", "piqa"], task_data, limit=LIMIT
+    )
+    ours = evaluate_tasks(*dimcut.load(out), ["arc_easy", "piqa"], task_data, limit=LIMIT)
+    script = f"""
+import json, sys  # noqa
+sys.modules["dimcut"] = None  # no dimcut in this interpreter
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+sys.modules.pop("dimcut")
+sys.path.insert(0, {os.path.dirname(os.path.dirname(evaluation.__file__))!r})
+from dimcut.evaluation import evaluate_tasks
+results = evaluate_tasks(model, tokenizer, ["arc_easy", "piqa"], {str(task_data)!r}, limit={LIMIT})
+open({str(tmp_path / "remote.json")!r}, "w").write(json.dumps(results))
+"""
+    subprocess.run([sys.executable, "-c", script], capture_output=True, check=True)
+    remote = json.loads((tmp_path / "remote.json").read_text())
+    for task in ("arc_easy", "piqa"):
+        for metric in ("acc", "acc_norm", "acc_stderr", "n"):
+            assert remote[task][metric] == ours[task][metric], (task, metric)
+        assert ours[task]["n"] == dense[task]["n"] == LIMIT

@@ -80,14 +80,21 @@ TASKS = {
 
 
 def perplexity(
-    model, tokenizer, documents: list[str], seqlen: int = 2048, batch_size: int = 1, device=None
+    model,
+    tokenizer,
+    documents: list[str],
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    device=None,
+    max_windows: int | None = None,
 ) -> dict:
     """Perplexity by the GPTQ/SparseGPT/SliceGPT protocol.
 
     Documents are joined with "\\n\\n" and tokenized once (the tokenizer adds its BOS at the
     start only if it does so by default); the tokens are cut into non-overlapping windows of
     `seqlen`, the remainder is dropped, and PPL = exp(mean NLL over every predicted token,
-    i.e. `seqlen - 1` per window).
+    i.e. `seqlen - 1` per window). `max_windows` keeps only the first windows (quick runs;
+    recorded, so such numbers are never mistaken for the full protocol).
     """
     import torch
     import torch.nn.functional as F
@@ -102,6 +109,10 @@ def perplexity(
     windows = n_tokens // seqlen
     if windows == 0:
         raise ValueError(f"the text has {n_tokens} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"--ppl-windows must be at least 1, got {max_windows}")
+        windows = min(windows, max_windows)
     ids = ids[: windows * seqlen].view(windows, seqlen)
 
     total_nll = 0.0  # a Python float (double) so thousands of windows add up exactly enough
@@ -122,6 +133,7 @@ def perplexity(
         "tokens": windows * seqlen,
         "predicted_tokens": predicted,
         "dropped_tokens": n_tokens - windows * seqlen,
+        "max_windows": max_windows,
         "mean_nll": mean_nll,
         "ppl": math.exp(mean_nll),
     }
@@ -299,7 +311,8 @@ def run_tasks(
     # Local tasks need only our YAMLs (indexing lm-eval's thousands of stock tasks takes seconds).
     stock = any(not task.lm_eval_name.startswith(LOCAL_TASK_PREFIX) for task in prepared)
     task_manager = TaskManager(include_path=str(config_dir), include_defaults=stock)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # backend="causal": lm-eval cannot tell from a dimcut_sliced config that it is a causal LM.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
     output = simple_evaluate(
         model=lm,
         tasks=[task.lm_eval_name for task in prepared],
@@ -365,6 +378,7 @@ def evaluate(
     ppl: str | None = DEFAULT_PPL_SOURCE,
     ppl_split: str = "test",
     seqlen: int = 2048,
+    ppl_windows: int | None = None,
     tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
     task_data: str | Path | None = None,
     limit: int | None = None,
@@ -409,7 +423,14 @@ def evaluate(
             key = data_sources.source_key(ppl, ppl_split)
             ppl_entry = {
                 "source": key,
-                **perplexity(model, tokenizer, documents, seqlen=seqlen, batch_size=batch_size),
+                **perplexity(
+                    model,
+                    tokenizer,
+                    documents,
+                    seqlen=seqlen,
+                    batch_size=batch_size,
+                    max_windows=ppl_windows,
+                ),
                 "overlaps_calibration": _overlaps_calibration(facts, key),
             }
             wall["perplexity"] = time.perf_counter() - clock
@@ -628,6 +649,12 @@ def add_commands(subparsers) -> None:
         "--seqlen", type=int, default=2048, help="perplexity window in tokens (default 2048)"
     )
     parser.add_argument(
+        "--ppl-windows",
+        type=int,
+        metavar="N",
+        help="only the first N perplexity windows (quick runs; recorded in the results)",
+    )
+    parser.add_argument(
         "--tasks",
         default=",".join(DEFAULT_TASKS),
         metavar="T1,T2,...|none",
@@ -670,6 +697,7 @@ def _run_eval(args) -> int:
         ppl=None if args.ppl == "none" else args.ppl,
         ppl_split=args.ppl_split,
         seqlen=args.seqlen,
+        ppl_windows=args.ppl_windows,
         tasks=[task for task in tasks if task],
         task_data=args.task_data,
         limit=args.limit,

@@ -50,8 +50,10 @@ class SliceResult:
 
         lines = [
             f"sliced model     {self.output} (format {self.format})",
-            f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
-            f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})",
+            (
+                f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
+                f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})"
+            ),
             f"parameters       {before:,} -> {change(counts['total'])}",
             f"  w/o shortcuts  {change(counts['without_shortcuts'])}",
         ]

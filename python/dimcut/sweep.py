@@ -138,6 +138,7 @@ def add_commands(subparsers) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument("--ppl", default=DEFAULT_PPL_SOURCE, help="perplexity text source or 'none'")
     group.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
+    group.add_argument("--ppl-windows", type=int, default=None, help="only the first N windows")
     group.add_argument(
         "--tasks", default=",".join(DEFAULT_TASKS), help=f"from {', '.join(TASKS)}, or 'none'"
     )
@@ -169,6 +170,7 @@ def _run_sweep(args) -> int:
         eval_options={
             "ppl": None if args.ppl == "none" else args.ppl,
             "seqlen": args.seqlen,
+            "ppl_windows": args.ppl_windows,
             "tasks": tasks,
             "task_data": args.task_data,
             "limit": args.limit,
