@@ -48,9 +48,13 @@ class Calibrated:
     eigenvalues: dict[str, np.ndarray]
     record: dict = field(default_factory=dict)
 
-    def retained_variance(self, width: int) -> list[float]:
+    def retained_variance(self, width: int) -> dict[str, float]:
         """Per rotation, the fraction of the signal's energy kept by the first `width` directions."""
-        return [float(e[:width].sum() / e.sum()) for e in self.eigenvalues.values() if e.sum() > 0]
+        return {
+            name: float(e[:width].sum() / e.sum())
+            for name, e in self.eigenvalues.items()
+            if e.sum() > 0
+        }
 
 
 # -- calibration text ---------------------------------------------------------------------------
@@ -282,6 +286,8 @@ def calibrate(
                 arch, runner, tensors, hidden, mid, widths, per_batch, bar
             )
         record["activations_on_disk"] = hidden.on_disk
+    if width:
+        record["retained_variance"] = Calibrated(rotations, eigenvalues).retained_variance(width)
     bar.close()
     return Calibrated(rotations, eigenvalues, record)
 
@@ -378,6 +384,14 @@ def _calibrate_sequential(arch, runner, tensors, hidden, mid, widths: Widths, pe
             index, mlp_ops, names.mid[index], (full, widths.mid[index], full), mid, hidden, "mlp"
         )
         project(hidden, pca_of(hidden, names.out[index]), widths.out[index])
+        kept = [
+            eigenvalues[name][:width].sum() / eigenvalues[name].sum()
+            for name, width in (
+                (names.mid[index], widths.mid[index]),
+                (names.out[index], widths.out[index]),
+            )
+        ]
+        bar.set_postfix_str(f"variance kept {kept[0]:.4f} / {kept[1]:.4f}")
         bar.update()
     return rotations, eigenvalues
 

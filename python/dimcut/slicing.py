@@ -35,7 +35,7 @@ class SliceResult:
     seconds: float
     peak_rss_bytes: int
     calibration: dict | None = None
-    retained_variance: list[float] = field(default_factory=list)
+    retained_variance: dict[str, float] = field(default_factory=dict)
 
     @property
     def effective_sparsity(self) -> float:
@@ -58,7 +58,7 @@ class SliceResult:
             f"  w/o shortcuts  {change(counts['without_shortcuts'])}",
         ]
         if self.retained_variance:
-            kept = self.retained_variance
+            kept = list(self.retained_variance.values())
             lines.append(
                 f"variance kept    min {min(kept):.4f}, mean {sum(kept) / len(kept):.4f} "
                 f"(of {len(kept)} PCA signals, by the first {self.hidden_size} directions)"
