@@ -325,65 +325,53 @@ def _calibrate_plain(arch, runner, tensors, hidden, per_batch, bar):
 def _calibrate_sequential(arch, runner, tensors, hidden, mid, widths: Widths, per_batch, bar):
     """SliceGPT §3: each PCA sees the signals of the already-sliced earlier layers.
 
-    The stores hold full-width signals in the original basis; `project` turns them into what
-    the sliced model carries, (x Q)[:, :width], before the next stage reads them.
+    The stores hold full-width signals in the original basis. A stage reads them as the sliced
+    model carries them, x = (s Q)[:, :width], runs its half-layer, and writes the full-width
+    residual x Q[:, :width]ᵀ + f(x) while accumulating that residual's covariance: one pass over
+    the activations per stage.
     """
     names = RotationNames.per_layer(arch.num_layers)
     rotations: dict[str, np.ndarray] = {}
     eigenvalues: dict[str, np.ndarray] = {}
     full = arch.hidden_size
 
-    def pca_of(store: ActivationStore, name: str) -> np.ndarray:
-        covariance = Covariance(store.array.shape[-1])
-        for part in store.batches(per_batch):
-            covariance.add(_to_device(store, part, "cpu"))
+    def keep(name: str, covariance: Covariance) -> None:
         rotations[name], eigenvalues[name] = covariance.principal_axes()
-        return rotations[name]
 
-    def project(store: ActivationStore, q: np.ndarray, width: int) -> None:
-        basis = torch.from_numpy(np.ascontiguousarray(q[:, :width])).float()
-        for part in store.batches(per_batch):
-            rotated = torch.from_numpy(np.ascontiguousarray(store.array[part])) @ basis
-            store.array[part, :, :width] = rotated.numpy()
-
-    def run_stage(index, ops, rotation_name, widths_in_stage, source, target, block):
+    def run_stage(index, ops, rotation_name, stage_widths, source, target, block) -> Covariance:
         """Run one half-layer on the sliced inputs of `source`; write its full-width residual."""
         q = rotations[rotation_name]
-        width = widths_in_stage[0] if block == "attention" else widths_in_stage[1]
-        layer = runner.layer(
-            index, _layer_weights(runner.model_dir, ops, {rotation_name: q}), widths_in_stage
-        )
-        # The residual of the sliced inputs, back in the original basis: x Q[:, :width]ᵀ.
-        back = torch.from_numpy(np.ascontiguousarray(q[:, :width].T)).float().to(runner.device)
+        width = stage_widths[0] if block == "attention" else stage_widths[1]
+        weights = _layer_weights(runner.model_dir, ops, {rotation_name: q})
+        layer = runner.layer(index, weights, stage_widths)
+        basis = torch.from_numpy(np.ascontiguousarray(q[:, :width])).float().to(runner.device)
         compute = runner.attention if block == "attention" else runner.mlp
+        covariance = Covariance(full)
         with torch.no_grad():
             for part in source.batches(per_batch):
-                x = _to_device(source, part, runner.device)[..., :width]
-                target.array[part] = (x @ back + compute(layer, x)).float().cpu().numpy()
+                x = _to_device(source, part, runner.device) @ basis
+                residual = x @ basis.T + compute(layer, x)
+                covariance.add(residual)
+                target.array[part] = residual.float().cpu().numpy()
+        return covariance
 
-    project(hidden, pca_of(hidden, names.embedding), widths.embedding)
+    embedding = Covariance(full)
+    for part in hidden.batches(per_batch):
+        embedding.add(_to_device(hidden, part, "cpu"))
+    keep(names.embedding, embedding)
     for index in range(arch.num_layers):
         groups = layer_op_groups(arch, index, "slicegpt", names, widths, tensors, "F32")
         # Attention: q/k/v rotated by the incoming Q; o_proj still writes the full width D.
-        attention_ops = groups["attention_readers"] + [
-            unrotated(op) for op in groups["attention_writer"]
-        ]
-        run_stage(
-            index,
-            attention_ops,
-            names.layer_input(index),
-            (widths.layer_input(index), full, full),
-            hidden,
-            mid,
-            "attention",
+        ops = groups["attention_readers"] + [unrotated(op) for op in groups["attention_writer"]]
+        stage = (widths.layer_input(index), full, full)
+        keep(
+            names.mid[index],
+            run_stage(index, ops, names.layer_input(index), stage, hidden, mid, "attention"),
         )
-        project(mid, pca_of(mid, names.mid[index]), widths.mid[index])
         # MLP: gate/up rotated by Q_mid; down_proj still writes the full width D.
-        mlp_ops = groups["mlp_readers"] + [unrotated(op) for op in groups["mlp_writer"]]
-        run_stage(
-            index, mlp_ops, names.mid[index], (full, widths.mid[index], full), mid, hidden, "mlp"
-        )
-        project(hidden, pca_of(hidden, names.out[index]), widths.out[index])
+        ops = groups["mlp_readers"] + [unrotated(op) for op in groups["mlp_writer"]]
+        stage = (full, widths.mid[index], full)
+        keep(names.out[index], run_stage(index, ops, names.mid[index], stage, mid, hidden, "mlp"))
         kept = [
             eigenvalues[name][:width].sum() / eigenvalues[name].sum()
             for name, width in (
