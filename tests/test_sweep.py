@@ -1,0 +1,85 @@
+"""`dimcut sweep`: every point evaluated once, resumable, plain calibrates once; then `fit`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import save_tiny_model
+
+import dimcut
+from dimcut import calibration, evaluation, sweep
+
+SLICE = {"nsamples": 4, "seqlen": 32, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    model = save_tiny_model("llama", root / "dense")
+    docs, _ = calibration.calibration_documents(None)
+    text = root / "held_out.txt"
+    text.write_text("\n\n".join(docs[-30:]), encoding="utf-8")
+    eval_options = {"ppl": str(text), "seqlen": 64, "tasks": []}
+    return model, eval_options
+
+
+def run(setup, runs, fmt, **kwargs):
+    model, eval_options = setup
+    return sweep.sweep(
+        model,
+        [0.25, 0.5],
+        runs,
+        slice_options={"fmt": fmt, **SLICE},
+        eval_options=eval_options,
+        label="tiny",
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("fmt", ["slicegpt", "plain"])
+def test_sweep_writes_one_record_per_point_and_fits(setup, tmp_path, fmt):
+    records = run(setup, tmp_path / "runs", fmt)
+    assert [p.name for p in records] == ["dense.json", "s0.25.json", "s0.5.json"]
+    widths = [json.loads(p.read_text())["model"]["hidden_size"] for p in records]
+    assert widths == [64, 48, 32]
+    assert not (tmp_path / "runs" / "models" / "s0.25").exists()  # deleted unless --keep-models
+    assert (tmp_path / "runs" / sweep.PLAIN_ROTATIONS).is_file() == (fmt == "plain")
+    report = dimcut.fit_records(dimcut.load_records([tmp_path / "runs"]))
+    assert report.models[0].label == "tiny"
+
+
+def test_sweep_resumes_after_a_crash(setup, tmp_path, monkeypatch):
+    calls = []
+    real_evaluate = evaluation.evaluate
+
+    def crash_on_second_slice(target, **kwargs):
+        calls.append(target.name)
+        if target.name == "s0.5":
+            raise KeyboardInterrupt  # killed while evaluating the last point
+        return real_evaluate(target, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", crash_on_second_slice)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path / "runs", "plain", keep_models=True)
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.json")) == [
+        "dense.json",
+        "s0.25.json",
+    ]
+    calibrations = []
+    monkeypatch.setattr(sweep, "evaluate", real_evaluate)
+    real_calibrate = calibration.calibrate
+    monkeypatch.setattr(
+        calibration, "calibrate", lambda *a, **k: calibrations.append(1) or real_calibrate(*a, **k)
+    )
+    records = run(setup, tmp_path / "runs", "plain", keep_models=True)
+    assert all(p.is_file() for p in records)
+    assert calibrations == []  # the saved plain rotations were reused
+    assert (tmp_path / "runs" / "models" / "s0.5" / "config.json").is_file()  # kept, redone
+
+
+def test_bad_sparsities_are_refused():
+    for text in ("0,0.5", "0.2,1", "abc", ""):
+        with pytest.raises(ValueError, match="--sparsities"):
+            sweep.parse_sparsities(text)
