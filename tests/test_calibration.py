@@ -209,3 +209,11 @@ def test_calibration_sampling_is_seeded_and_sized(llama):
         ).digest()
     )
     assert math.isclose(float((a == tokenizer.bos_token_id).sum()), 3)  # one BOS per sequence
+
+
+def test_activations_spill_to_disk_with_identical_rotations(llama):
+    in_memory = dimcut.calibrate(llama, fmt="slicegpt", width=40, **CALIB)
+    spilled = dimcut.calibrate(llama, fmt="slicegpt", width=40, memory_budget=1024, **CALIB)
+    assert not in_memory.record["activations_on_disk"] and spilled.record["activations_on_disk"]
+    for name, rotation in in_memory.rotations.items():
+        np.testing.assert_array_equal(rotation, spilled.rotations[name])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import save_tiny_model
 
 import dimcut
 from dimcut import calibration, evaluation, sweep
+from tiny_models import save_tiny_model
 
 SLICE = {"nsamples": 4, "seqlen": 32, "seed": 0}
 
