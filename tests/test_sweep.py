@@ -10,7 +10,7 @@ import dimcut
 from dimcut import calibration, evaluation, sweep
 from tiny_models import save_tiny_model
 
-SLICE = {"nsamples": 4, "seqlen": 32, "seed": 0}
+SLICE = {"calib": "builtin", "nsamples": 4, "seqlen": 32, "seed": 0}
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,7 @@ def sweep(
             model_dir,
             fmt="plain",
             width=0,
+            source=slice_options.get("calib"),
             **{k: v for k, v in slice_options.items() if k in _CALIBRATE_KEYS},
             progress=progress,
         )
@@ -104,7 +105,7 @@ def sweep(
     return records
 
 
-_CALIBRATE_KEYS = {"calib", "nsamples", "seqlen", "seed", "device", "memory_budget"}
+_CALIBRATE_KEYS = {"nsamples", "seqlen", "seed", "device", "memory_budget"}
 
 
 def add_commands(subparsers) -> None:
