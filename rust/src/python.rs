@@ -30,7 +30,9 @@ fn to_py_err(err: EngineError) -> PyErr {
         EngineError::InvalidPlan(_) | EngineError::InvalidArgument(_) => {
             PyValueError::new_err(message)
         }
-        EngineError::OutputExists(_) => PyFileExistsError::new_err(message),
+        EngineError::OutputExists(_) | EngineError::OutputBusy(_) => {
+            PyFileExistsError::new_err(message)
+        }
         _ => DimcutError::new_err(message),
     }
 }
@@ -316,6 +318,15 @@ fn inspect_checkpoint<'py>(py: Python<'py>, src_dir: PathBuf) -> PyResult<Bound<
     Ok(result)
 }
 
+/// Panics inside the engine's guard: lets the test suite check that a Rust panic becomes a
+/// `DimcutError` and never aborts the interpreter.
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
+    run_detached(py, || -> Result<(), EngineError> {
+        panic!("deliberate test panic")
+    })
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -323,5 +334,6 @@ fn core_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(rewrite_checkpoint, module)?)?;
     module.add_function(wrap_pyfunction!(rewrite_tensors, module)?)?;
     module.add_function(wrap_pyfunction!(inspect_checkpoint, module)?)?;
+    module.add_function(wrap_pyfunction!(_panic_for_test, module)?)?;
     Ok(())
 }
