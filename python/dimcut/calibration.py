@@ -18,6 +18,7 @@ import json
 import os
 import random
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -397,7 +398,7 @@ class ResumeState:
                 saved = json.loads(bytes(data["record"]).decode())
                 layers_done = int(data["layers_done"])
                 arrays = {k.split("/", 1)[1]: data[k] for k in data.files if "/" in k}
-        except (OSError, ValueError, KeyError, EOFError) as exc:  # damaged: say so, never guess
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # damaged
             raise DimcutError(
                 f"{state}: unreadable resume state ({exc}); delete {directory} to start over"
             ) from None
@@ -594,7 +595,7 @@ def load_rotations(
             eigenvalues = {
                 k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("eigenvalues/")
             }
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise DimcutError(f"--rotations {path}: not a dimcut rotations file ({exc})") from None
     if not isinstance(record, dict):
         raise DimcutError(f"--rotations {path}: not a dimcut rotations file (bad record)")
