@@ -323,7 +323,8 @@ def calibrate(
     bar = tqdm(
         total=arch.num_layers, initial=done, desc="calibrating", unit="layer", disable=not progress
     )
-    with tempfile.TemporaryDirectory(prefix="dimcut-activations-") as spill:
+    _remove_dead_spills()
+    with tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{os.getpid()}-") as spill:
         spill_dir = Path(spill)
 
         def store(name: str) -> ActivationStore:
@@ -348,6 +349,27 @@ def calibrate(
         del first, hidden, mid
     bar.close()
     return Calibrated(rotations, eigenvalues, record)
+
+
+SPILL_PREFIX = "dimcut-activations-"
+
+
+def _remove_dead_spills() -> None:
+    """Remove activation spill directories of calibrations that were killed (SIGKILL cannot be
+    caught): `dimcut-activations-<pid>-*` in the temp directory whose process is gone."""
+    import shutil
+
+    root = Path(tempfile.gettempdir())
+    for spill in root.glob(f"{SPILL_PREFIX}*-*"):
+        pid = spill.name.removeprefix(SPILL_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(spill, ignore_errors=True)
+        except OSError:
+            pass  # alive, or not ours to judge
 
 
 @dataclass
