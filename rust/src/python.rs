@@ -318,8 +318,9 @@ fn rewrite_checkpoint<'py>(
         overwrite,
         threads,
     };
-    // The callback (and Ctrl-C) is checked after every tile with the GIL briefly reacquired;
-    // the Python exception it raised is re-raised as is.
+    // After every tile: signals (Ctrl-C, SIGTERM) are checked by the calling thread, then the
+    // callback runs with the GIL briefly reacquired; an exception either raised is re-raised
+    // as is, after the engine removed its temporary output.
     let mut callback_error: Option<PyErr> = None;
     let result = run_interruptible(py, |signals| {
         let mut report = |done: u64, total: u64| {
