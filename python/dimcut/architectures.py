@@ -164,3 +164,67 @@ def sliced_width(hidden_size: int, sparsity: float, round_to: int = 8) -> int:
             f"rounding down to a multiple of {round_to}; choose a smaller sparsity"
         )
     return width
+
+
+def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """The shape config.json implies for every weight of a dense checkpoint of `arch`."""
+    d, heads, kv, hd = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim
+    inter = arch.intermediate_size
+    projection_rows = {
+        "self_attn.q_proj": heads * hd,
+        "self_attn.k_proj": kv * hd,
+        "self_attn.v_proj": kv * hd,
+        "self_attn.qkv_proj": (heads + 2 * kv) * hd,
+        "mlp.gate_proj": inter,
+        "mlp.up_proj": inter,
+        "mlp.gate_up_proj": 2 * inter,
+    }
+    shapes: dict[str, tuple[int, ...]] = {EMBEDDING: (arch.vocab_size, d), FINAL_NORM: (d,)}
+    if not arch.tie_word_embeddings:
+        shapes[LM_HEAD] = (arch.vocab_size, d)
+    family = arch.family
+    for i in range(arch.num_layers):
+        for module in (*family.attention_inputs, *family.mlp_inputs):
+            shapes[arch.layer(i, module) + ".weight"] = (projection_rows[module], d)
+        shapes[arch.layer(i, family.attention_output) + ".weight"] = (d, heads * hd)
+        shapes[arch.layer(i, family.mlp_output) + ".weight"] = (d, inter)
+        for which in ("attention", "mlp"):
+            shapes[arch.norm_weight(i, which)] = (d,)
+    return shapes
+
+
+def check_weights(arch: Architecture, tensors: dict, model_dir: str | Path) -> None:
+    """Refuse a config.json whose sizes disagree with the checkpoint's tensors (name, shape and
+    shard file of the first disagreement in the message)."""
+    config = Path(model_dir) / "config.json"
+    for name, shape in expected_shapes(arch).items():
+        if name not in tensors:
+            if name == LM_HEAD:
+                continue  # some checkpoints tie the head without saying so
+            raise DimcutError(
+                f"{config}: the config implies tensor {name!r} of shape {list(shape)}, but the "
+                "checkpoint has no such tensor"
+            )
+        _dtype, found, file = tensors[name]
+        if tuple(found) != shape:
+            raise DimcutError(
+                f"{config} disagrees with the weights: tensor {name!r} in {file} has shape "
+                f"{list(found)}, but the config (hidden_size={arch.hidden_size}, "
+                f"num_attention_heads={arch.num_heads}, num_key_value_heads={arch.num_kv_heads}, "
+                f"intermediate_size={arch.intermediate_size}, vocab_size={arch.vocab_size}) "
+                f"implies {list(shape)}"
+            )
+    for name, (_dtype, found, file) in tensors.items():
+        if name.endswith(".bias") and name.removesuffix(".bias") + ".weight" in tensors:
+            rows = tensors[name.removesuffix(".bias") + ".weight"][1][0]
+            if list(found) != [rows]:
+                raise DimcutError(
+                    f"{file}: bias {name!r} has shape {list(found)}, its weight has {rows} rows"
+                )
+        parts = name.split(".")
+        layer = parts[2] if name.startswith("model.layers.") and len(parts) > 2 else ""
+        if layer.isdigit() and int(layer) >= arch.num_layers:
+            raise DimcutError(
+                f"{config} says num_hidden_layers={arch.num_layers}, but the checkpoint has "
+                f"tensor {name!r} in {file}"
+            )

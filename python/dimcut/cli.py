@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from dimcut import __version__
 
@@ -42,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (the engine's temporary output,
+    calibration's spill files) runs the same way."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     from dimcut._core import DimcutError
 
@@ -50,14 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    previous = _install(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("dimcut: interrupted; no partial output was left behind", file=sys.stderr)
-        return 130
-    except (DimcutError, FileNotFoundError, ValueError, FileExistsError, PermissionError) as exc:
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"dimcut {args.command}: {what}; no partial output was left behind", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except (DimcutError, ValueError, OSError) as exc:
+        # OSError: FileNotFoundError, FileExistsError, PermissionError, disk full, ...
         print(f"dimcut {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _install(signal.SIGTERM, previous)
+
+
+def _install(signum, handler):
+    """Set a signal handler when we can (only the main thread may); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from dimcut import _core
+from dimcut import _core, _hooks
 
 PathArg = str | os.PathLike[str]
 ProgressArg = bool | Callable[[int, int], None]
@@ -76,6 +76,8 @@ def rewrite_checkpoint(
         for name, data in (extra_files or {}).items()
     }
     with _progress_callback(progress, f"writing {os.fspath(out_dir)}") as callback:
+        if os.environ.get(_hooks.ENV):
+            callback = _hooked(callback)
         stats = _core.rewrite_checkpoint(
             os.fspath(src_dir),
             os.fspath(out_dir),
@@ -116,6 +118,15 @@ def rewrite_tensors(
 def inspect_checkpoint(src_dir: PathArg) -> dict[str, tuple[str, list[int], str]]:
     """Tensor name -> (dtype, shape, shard file name), after validating every header."""
     return _core.inspect_checkpoint(os.fspath(src_dir))
+
+
+def _hooked(callback: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        _hooks.reached("write", done / max(total, 1))
+        if callback is not None:
+            callback(done, total)
+
+    return report
 
 
 def _op_dicts(ops: Sequence[Op]) -> list[dict[str, Any]]:

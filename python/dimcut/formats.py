@@ -96,10 +96,16 @@ def load(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = "flo
     modeling_dimcut.register_auto_classes()
     model_dir = Path(model_dir)
     torch_dtype = getattr(torch, dtype) if dtype else None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    # Safetensors only: never unpickle a `pytorch_model.bin`; remote code stays off (the dimcut
+    # model class is registered locally above).
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+    )
     model.to(device).eval()
     has_tokenizer = any(
         (model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
+    tokenizer = (
+        AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False) if has_tokenizer else None
+    )
     return model, tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,17 +181,26 @@ def slice_model(
     memory_budget: int = 2 * 2**30,
     precision: str = "f32",
     progress: bool = True,
+    resume: bool = False,
 ) -> SliceResult:
-    """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir."""
-    from dimcut import calibration
+    """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
+
+    `resume=True` keeps calibration state after every layer in `<out_dir>.dimcut-resume/` and
+    continues from it when it exists; it is removed once the output is complete.
+    """
+    from dimcut import _hooks, calibration
+    from dimcut.architectures import check_weights
+    from dimcut.engine import inspect_checkpoint
 
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     arch = load_architecture(model_dir)
     width = sliced_width(arch.hidden_size, sparsity, round_to)
     _check_output(model_dir, out_dir, overwrite)
+    check_weights(arch, inspect_checkpoint(model_dir), model_dir)
+    resume_dir = calibration.resume_dir_for(out_dir)
     if rotations_file is not None:
-        found = calibration.load_rotations(rotations_file, arch, fmt)
+        found = calibration.load_rotations(rotations_file, arch, fmt, width, model_dir=model_dir)
     else:
         found = calibration.calibrate(
             model_dir,
@@ -204,6 +214,7 @@ def slice_model(
             device=device,
             memory_budget=memory_budget,
             progress=progress,
+            resume_dir=resume_dir if resume else None,
         )
         if save_rotations is not None:
             calibration.save_rotations(save_rotations, found)
@@ -226,6 +237,11 @@ def slice_model(
         precision=precision,
         progress=progress,
     )
+    if resume_dir.is_dir():
+        import shutil
+
+        shutil.rmtree(resume_dir, ignore_errors=True)  # the output is complete: state is moot
+    _hooks.reached("written", 1)
     before = formats.count_parameters(model_dir)["total"]
     return SliceResult(
         output=out_dir,
@@ -251,6 +267,16 @@ def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"-o {out_dir}: the output directory exists (pass --overwrite)")
     if not dst.parent.exists():
         raise FileNotFoundError(f"-o {out_dir}: the parent directory {dst.parent} does not exist")
+    # Probe that the output location is writable (read-only file system, permissions) before
+    # spending time on calibration; the engine writes a temporary directory there too.
+    import tempfile
+
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{dst.name}.dimcut-probe-", dir=dst.parent)).rmdir()
+    except OSError as exc:
+        raise PermissionError(
+            f"-o {out_dir}: cannot write in {dst.parent} ({exc.strerror or exc})"
+        ) from None
 
 
 def add_commands(subparsers) -> None:
@@ -329,6 +355,12 @@ def add_commands(subparsers) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing output directory"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep calibration state after every layer in OUTPUT.dimcut-resume/ and continue "
+        "from it if a previous run was interrupted (removed once the output is complete)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run_slice)
 
@@ -343,7 +375,25 @@ def resolve_model(model: str) -> Path:
 
 
 def _run_slice(args) -> int:
-    result = slice_model(
+    try:
+        result = _slice_from_args(args)
+    except KeyboardInterrupt:
+        from dimcut.calibration import RESUME_STATE, resume_dir_for
+
+        state = resume_dir_for(args.output) / RESUME_STATE
+        if args.resume and state.is_file():
+            print(
+                f"dimcut slice: calibration state kept in {state.parent}; rerun the same command "
+                "(with --resume) to continue after the last completed layer",
+                file=sys.stderr,
+            )
+        raise
+    print(result.summary())
+    return 0
+
+
+def _slice_from_args(args) -> SliceResult:
+    return slice_model(
         resolve_model(args.model),
         args.sparsity,
         args.output,
@@ -361,6 +411,5 @@ def _run_slice(args) -> int:
         memory_budget=int(args.memory_budget * 2**30),
         precision=args.precision,
         progress=not args.quiet,
+        resume=args.resume,
     )
-    print(result.summary())
-    return 0

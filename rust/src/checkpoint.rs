@@ -4,6 +4,7 @@
 
 use crate::error::{io_error, DimcutError, Result};
 use memmap2::Mmap;
+use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -80,22 +81,13 @@ impl Checkpoint {
                 path: path.clone(),
                 reason,
             };
-            let (header_len, metadata) = SafeTensors::read_metadata(&map)
-                .map_err(|e| invalid(format!("invalid safetensors file: {e}")))?;
-            let data_start = 8 + header_len;
-            for (name, info) in metadata.tensors() {
-                let (begin, end) = info.data_offsets;
-                let entry = TensorEntry {
-                    shard: shard_index,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    range: data_start + begin..data_start + end,
-                };
+            for (name, entry) in parse_header(&map, shard_index).map_err(invalid)? {
                 if let Some(previous) = tensors.insert(name.clone(), entry) {
                     let other = &shards_name(&shards, previous.shard);
-                    return Err(invalid(format!(
-                        "tensor {name:?} is also stored in {other}"
-                    )));
+                    return Err(DimcutError::InvalidCheckpoint {
+                        path,
+                        reason: format!("tensor {name:?} is also stored in {other}"),
+                    });
                 }
             }
             shards.push(Shard { file_name, map });
@@ -210,24 +202,167 @@ fn read_weight_map(path: &Path) -> Result<HashMap<String, String>> {
         )));
     }
     let text = std::fs::read(path).map_err(io_error(path))?;
+    parse_index(&text).map_err(invalid)
+}
+
+/// Parses the text of a `model.safetensors.index.json`: tensor name → shard file name.
+/// Every shard name must be a bare file name (no directory part).
+pub fn parse_index(text: &[u8]) -> Result<HashMap<String, String>, String> {
+    if text.len() as u64 > MAX_INDEX_BYTES {
+        return Err(format!(
+            "index is {} bytes, larger than {MAX_INDEX_BYTES}",
+            text.len()
+        ));
+    }
     let index: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| invalid(format!("index is not JSON: {e}")))?;
+        serde_json::from_slice(text).map_err(|e| format!("index is not JSON: {e}"))?;
     let weight_map = index
         .get("weight_map")
         .and_then(|map| map.as_object())
-        .ok_or_else(|| invalid("index has no \"weight_map\" object".into()))?;
+        .ok_or_else(|| "index has no \"weight_map\" object".to_string())?;
     weight_map
         .iter()
         .map(|(name, file)| {
             let file = file
                 .as_str()
                 .filter(|file| is_plain_file_name(file))
-                .ok_or_else(|| {
-                    invalid(format!("tensor {name:?} maps to {file}, not a file name"))
-                })?;
+                .ok_or_else(|| format!("tensor {name:?} maps to {file}, not a file name"))?;
             Ok((name.clone(), file.to_string()))
         })
         .collect()
+}
+
+/// The largest header we read, like the `safetensors` crate: a hostile length prefix cannot
+/// make us allocate (or parse) more than this.
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The JSON header of a safetensors file, as the format defines it.
+#[derive(serde::Deserialize)]
+struct RawHeader {
+    #[serde(rename = "__metadata__")]
+    #[allow(dead_code)]
+    metadata: Option<HashMap<String, String>>,
+    #[serde(flatten)]
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// Parses and validates the header of a whole safetensors file (`bytes` is the file), naming
+/// the offending tensor in every error: the length prefix must fit the file, the header must be
+/// JSON, every tensor's byte range must match its shape and dtype, and the ranges must tile the
+/// data section exactly (no overlap, no gap, nothing past or short of the end of the file).
+/// Sizes are checked before anything is allocated from them.
+pub fn parse_header(bytes: &[u8], shard: usize) -> Result<Vec<(String, TensorEntry)>, String> {
+    let file_len = bytes.len() as u64;
+    let Some(prefix) = bytes.get(..8) else {
+        return Err(format!(
+            "file is {file_len} bytes, too small to hold a safetensors header"
+        ));
+    };
+    let header_len = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format!(
+            "header length {header_len} is larger than the {MAX_HEADER_BYTES}-byte limit"
+        ));
+    }
+    if header_len > file_len - 8 {
+        return Err(format!(
+            "header length {header_len} is larger than the file ({file_len} bytes): truncated \
+             or not a safetensors file"
+        ));
+    }
+    let data_start = 8 + header_len as usize;
+    let text = std::str::from_utf8(&bytes[8..data_start])
+        .map_err(|e| format!("header is not UTF-8 text: {e}"))?;
+    let header: RawHeader =
+        serde_json::from_str(text).map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let data_len = bytes.len() - data_start;
+
+    let mut tensors: Vec<(String, TensorInfo)> = header.tensors.into_iter().collect();
+    tensors.sort_by(|(a_name, a), (b_name, b)| {
+        (a.data_offsets, a_name).cmp(&(b.data_offsets, b_name))
+    });
+    let mut end_of_previous: Option<(&str, usize)> = None;
+    for (name, info) in &tensors {
+        let (begin, end) = info.data_offsets;
+        if end < begin {
+            return Err(format!(
+                "tensor {name:?}: data_offsets [{begin}, {end}] end before they begin"
+            ));
+        }
+        let numel = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("tensor {name:?}: shape {:?} overflows", info.shape))?;
+        let bits = numel
+            .checked_mul(info.dtype.bitsize())
+            .ok_or_else(|| format!("tensor {name:?}: shape {:?} overflows", info.shape))?;
+        if bits % 8 != 0 {
+            return Err(format!(
+                "tensor {name:?}: {numel} elements of {} do not fill whole bytes",
+                info.dtype
+            ));
+        }
+        if end - begin != bits / 8 {
+            return Err(format!(
+                "tensor {name:?}: data_offsets [{begin}, {end}] hold {} bytes, but shape {:?} \
+                 of {} needs {}",
+                end - begin,
+                info.shape,
+                info.dtype,
+                bits / 8
+            ));
+        }
+        match end_of_previous {
+            None if begin != 0 => {
+                return Err(format!(
+                    "tensor {name:?} starts at byte {begin} of the data section, leaving a gap \
+                     before it (the first tensor must start at 0)"
+                ))
+            }
+            Some((previous, previous_end)) if begin < previous_end => {
+                return Err(format!(
+                    "tensors {previous:?} and {name:?} overlap (bytes {begin}..{previous_end})"
+                ))
+            }
+            Some((previous, previous_end)) if begin > previous_end => {
+                return Err(format!(
+                    "gap of {} bytes between tensors {previous:?} and {name:?}",
+                    begin - previous_end
+                ))
+            }
+            _ => {}
+        }
+        if end > data_len {
+            return Err(format!(
+                "tensor {name:?} ends at byte {end} of the data section, past the end of the \
+                 file ({data_len} data bytes): the file is truncated"
+            ));
+        }
+        end_of_previous = Some((name, end));
+    }
+    let covered = end_of_previous.map_or(0, |(_, end)| end);
+    if covered != data_len {
+        return Err(format!(
+            "the tensors cover {covered} bytes but the data section has {data_len}: \
+             trailing bytes after the last tensor"
+        ));
+    }
+    // The reference parser must agree (it is what every loader of our output uses).
+    SafeTensors::read_metadata(bytes).map_err(|e| format!("invalid safetensors file: {e}"))?;
+    Ok(tensors
+        .into_iter()
+        .map(|(name, info)| {
+            let (begin, end) = info.data_offsets;
+            let entry = TensorEntry {
+                shard,
+                dtype: info.dtype,
+                shape: info.shape,
+                range: data_start + begin..data_start + end,
+            };
+            (name, entry)
+        })
+        .collect())
 }
 
 /// A bare file name: no directory part, so an index cannot point outside its directory.

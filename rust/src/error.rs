@@ -33,6 +33,14 @@ pub enum DimcutError {
     #[error("{}: output directory exists (pass overwrite=True to replace it)", .0.display())]
     OutputExists(PathBuf),
 
+    /// Another dimcut run holds the output's lock.
+    #[error("{}: another dimcut run is writing this output right now; wait for it or choose another output", .0.display())]
+    OutputBusy(PathBuf),
+
+    /// A float tensor about to be written holds NaN or ±Inf.
+    #[error("output tensor {tensor:?} would contain NaN or Inf (its source weights are not finite); refusing to write {}", path.display())]
+    NonFinite { tensor: String, path: PathBuf },
+
     /// The progress callback asked to stop (e.g. it raised, or Ctrl-C was pressed).
     #[error("interrupted by the progress callback")]
     Interrupted,

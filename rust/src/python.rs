@@ -12,6 +12,8 @@ use pyo3::types::{PyDict, PyList};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::mpsc::{RecvTimeoutError, Sender};
+use std::time::Duration;
 
 create_exception!(
     dimcut._core,
@@ -30,7 +32,9 @@ fn to_py_err(err: EngineError) -> PyErr {
         EngineError::InvalidPlan(_) | EngineError::InvalidArgument(_) => {
             PyValueError::new_err(message)
         }
-        EngineError::OutputExists(_) => PyFileExistsError::new_err(message),
+        EngineError::OutputExists(_) | EngineError::OutputBusy(_) => {
+            PyFileExistsError::new_err(message)
+        }
         _ => DimcutError::new_err(message),
     }
 }
@@ -40,7 +44,13 @@ fn run_detached<T: Send>(
     py: Python<'_>,
     work: impl FnOnce() -> Result<T, EngineError> + Send,
 ) -> PyResult<T> {
-    match py.detach(|| catch_unwind(AssertUnwindSafe(work))) {
+    panic_to_error(py.detach(|| catch_unwind(AssertUnwindSafe(work))))
+}
+
+fn panic_to_error<T>(
+    outcome: Result<Result<T, EngineError>, Box<dyn std::any::Any + Send>>,
+) -> PyResult<T> {
+    match outcome {
         Ok(result) => result.map_err(to_py_err),
         Err(payload) => {
             let message = payload
@@ -52,6 +62,72 @@ fn run_detached<T: Send>(
                 "internal engine error: {message}"
             )))
         }
+    }
+}
+
+/// Messages from the engine's worker thread to the calling thread.
+enum ToCaller {
+    /// Run Python's signal handlers now and answer whether the run must stop.
+    CheckSignals(Sender<bool>),
+    Done,
+}
+
+/// Asks the calling thread whether a signal handler raised (Ctrl-C, SIGTERM, ...).
+#[derive(Clone)]
+struct SignalCheck(Sender<ToCaller>);
+
+impl SignalCheck {
+    fn interrupted(&self) -> bool {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.0.send(ToCaller::CheckSignals(reply)).is_err() || answer.recv().unwrap_or(true)
+    }
+}
+
+/// Like `run_detached`, but `work` runs on a worker thread while this (the calling, usually
+/// main) thread runs Python's signal handlers, which Python only runs on the main thread:
+/// the worker asks after every tile (`SignalCheck`), and the caller also polls while waiting.
+/// When a handler raises, the worker's next check stops the engine (which removes its
+/// temporary output) and the handler's exception (KeyboardInterrupt, ...) is returned.
+fn run_interruptible<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(SignalCheck) -> Result<T, EngineError> + Send,
+) -> PyResult<T> {
+    let mut signal_error: Option<PyErr> = None;
+    let outcome = py.detach(|| {
+        let (to_caller, messages) = std::sync::mpsc::channel();
+        let check = SignalCheck(to_caller.clone());
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                let outcome = catch_unwind(AssertUnwindSafe(|| work(check)));
+                let _ = to_caller.send(ToCaller::Done);
+                outcome
+            });
+            let mut poll = || {
+                if signal_error.is_none() {
+                    if let Err(err) = Python::attach(|py| py.check_signals()) {
+                        signal_error = Some(err);
+                    }
+                }
+                signal_error.is_some()
+            };
+            loop {
+                match messages.recv_timeout(Duration::from_millis(50)) {
+                    Ok(ToCaller::Done) | Err(RecvTimeoutError::Disconnected) => break,
+                    Ok(ToCaller::CheckSignals(reply)) => {
+                        let _ = reply.send(poll());
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        poll();
+                    }
+                }
+            }
+            worker.join().unwrap_or_else(Err)
+        })
+    });
+    match signal_error {
+        // Cancelled (or finished regardless): the signal's exception wins, after cleanup.
+        Some(err) => Err(err),
+        None => panic_to_error(outcome),
     }
 }
 
@@ -242,22 +318,25 @@ fn rewrite_checkpoint<'py>(
         overwrite,
         threads,
     };
-    // The callback (and Ctrl-C) is checked after every tile with the GIL briefly reacquired;
-    // the Python exception it raised is re-raised as is.
+    // After every tile: signals (Ctrl-C, SIGTERM) are checked by the calling thread, then the
+    // callback runs with the GIL briefly reacquired; an exception either raised is re-raised
+    // as is, after the engine removed its temporary output.
     let mut callback_error: Option<PyErr> = None;
-    let mut report = |done: u64, total: u64| {
-        Python::attach(|py| {
-            let result = py.check_signals().and_then(|()| match &progress {
-                Some(callback) => callback.call1(py, (done, total)).map(drop),
-                None => Ok(()),
-            });
-            result.map_err(|e| {
-                callback_error = Some(e);
-                EngineError::Interrupted
+    let result = run_interruptible(py, |signals| {
+        let mut report = |done: u64, total: u64| {
+            if signals.interrupted() {
+                return Err(EngineError::Interrupted);
+            }
+            let Some(callback) = &progress else {
+                return Ok(());
+            };
+            Python::attach(|py| {
+                callback.call1(py, (done, total)).map(drop).map_err(|e| {
+                    callback_error = Some(e);
+                    EngineError::Interrupted
+                })
             })
-        })
-    };
-    let result = run_detached(py, || {
+        };
         engine::rewrite_checkpoint(
             &src_dir,
             &out_dir,
@@ -290,7 +369,7 @@ fn rewrite_tensors<'py>(
     let borrowed = BorrowedArrays::new(arrays)?;
     let arrays = borrowed.views()?;
     let precision = precision.parse::<Precision>().map_err(to_py_err)?;
-    let outputs = run_detached(py, || {
+    let outputs = run_interruptible(py, |_signals| {
         engine::rewrite_tensors(&src_dir, &ops, &arrays, precision, memory_budget, threads)
     })?;
     let result = PyDict::new(py);
@@ -316,6 +395,15 @@ fn inspect_checkpoint<'py>(py: Python<'py>, src_dir: PathBuf) -> PyResult<Bound<
     Ok(result)
 }
 
+/// Panics inside the engine's guard: lets the test suite check that a Rust panic becomes a
+/// `DimcutError` and never aborts the interpreter.
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
+    run_detached(py, || -> Result<(), EngineError> {
+        panic!("deliberate test panic")
+    })
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -323,5 +411,6 @@ fn core_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(rewrite_checkpoint, module)?)?;
     module.add_function(wrap_pyfunction!(rewrite_tensors, module)?)?;
     module.add_function(wrap_pyfunction!(inspect_checkpoint, module)?)?;
+    module.add_function(wrap_pyfunction!(_panic_for_test, module)?)?;
     Ok(())
 }

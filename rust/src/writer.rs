@@ -10,6 +10,7 @@ use safetensors::Dtype;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What the layout needs to know about an output tensor.
 #[derive(Clone, Debug)]
@@ -33,7 +34,18 @@ pub struct ShardLayout {
     pub header: Vec<u8>,
     /// `(index into the tensor list, absolute byte offset in the file)`.
     pub placements: Vec<(usize, usize)>,
+    /// Every tensor's `[start, end)` bytes in the file with its name and dtype, by start.
+    pub extents: Vec<Extent>,
     pub file_len: usize,
+}
+
+/// Where one tensor's bytes lie in a shard file.
+#[derive(Clone, Debug)]
+pub struct Extent {
+    pub start: usize,
+    pub end: usize,
+    pub name: String,
+    pub dtype: Dtype,
 }
 
 /// Where every tensor goes.
@@ -100,11 +112,21 @@ pub fn plan_layout(tensors: &[OutputTensor], max_shard_size: usize) -> Result<La
         for &(i, at) in &placements {
             location[i] = (shard_index, at);
         }
+        let extents = placements
+            .iter()
+            .map(|&(i, at)| Extent {
+                start: at,
+                end: at + tensors[i].nbytes(),
+                name: tensors[i].name.clone(),
+                dtype: tensors[i].dtype,
+            })
+            .collect();
         shards.push(ShardLayout {
             file_name: shard_file_name(shard_index, count),
             file_len: header.len() + offset,
             header,
             placements,
+            extents,
         });
     }
     let total_size = tensors.iter().map(OutputTensor::nbytes).sum();
@@ -152,39 +174,120 @@ pub fn index_json(layout: &Layout, tensors: &[OutputTensor]) -> String {
     serde_json::to_string_pretty(&index).expect("JSON values always serialize")
 }
 
+/// Test hook: `DIMCUT_FAULT_WRITE_AFTER=N` makes every shard write fail with "no space left
+/// on device" once `N` bytes of tensor data were written, as a full disk would.
+pub const FAULT_ENV: &str = "DIMCUT_FAULT_WRITE_AFTER";
+
 /// Shard files being written inside the staging directory.
 pub struct ShardFiles {
-    files: Vec<(PathBuf, File)>,
+    files: Vec<(PathBuf, File, Vec<Extent>)>,
+    written: AtomicU64,
+    fail_after: Option<u64>,
 }
 
 impl ShardFiles {
-    /// Creates each shard at its final size with its header in place.
+    /// Creates each shard at its final size (space reserved up front where the file system
+    /// can, so a full disk is reported before any work) with its header in place.
     pub fn create(dir: &Path, layout: &Layout) -> Result<Self> {
         let mut files = Vec::with_capacity(layout.shards.len());
         for shard in &layout.shards {
             let path = dir.join(&shard.file_name);
             let file = File::create(&path).map_err(io_error(&path))?;
-            file.set_len(shard.file_len as u64)
-                .map_err(io_error(&path))?;
+            reserve(&file, shard.file_len as u64).map_err(io_error(&path))?;
             write_at(&file, &shard.header, 0).map_err(io_error(&path))?;
-            files.push((path, file));
+            files.push((path, file, shard.extents.clone()));
         }
-        Ok(Self { files })
+        let fail_after = std::env::var(FAULT_ENV).ok().and_then(|v| v.parse().ok());
+        Ok(Self {
+            files,
+            written: AtomicU64::new(0),
+            fail_after,
+        })
     }
 
-    /// Writes `bytes` at absolute `offset` of shard `shard`.
+    /// Writes `bytes` at absolute `offset` of shard `shard`, refusing non-finite floats.
     pub fn write(&self, shard: usize, offset: usize, bytes: &[u8]) -> Result<()> {
-        let (path, file) = &self.files[shard];
+        let (path, file, extents) = &self.files[shard];
+        check_finite(extents, offset, bytes, path)?;
+        let before = self
+            .written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if let Some(limit) = self.fail_after {
+            if before + bytes.len() as u64 > limit {
+                #[cfg(unix)]
+                let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+                #[cfg(not(unix))]
+                let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+                return Err(io_error(path)(full));
+            }
+        }
         write_at(file, bytes, offset as u64).map_err(io_error(path))
     }
 
     /// Flushes and closes every shard.
     pub fn finish(self) -> Result<()> {
-        for (path, file) in self.files {
+        for (path, file, _) in self.files {
             file.sync_all().map_err(io_error(&path))?;
         }
         Ok(())
     }
+}
+
+/// Sets the file's length, allocating its blocks when the file system supports it.
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if len > 0 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor we own.
+        let code = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        match code {
+            0 => return Ok(()),
+            libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS => {} // fall back to a sparse file
+            code => return Err(std::io::Error::from_raw_os_error(code)),
+        }
+    }
+    file.set_len(len)
+}
+
+/// Refuses NaN and ±Inf in the float tensors a write touches: such weights would silently
+/// poison every output they are rotated into. Only whole elements are checked.
+fn check_finite(extents: &[Extent], offset: usize, bytes: &[u8], shard: &Path) -> Result<()> {
+    let end = offset + bytes.len();
+    let first = extents.partition_point(|e| e.end <= offset);
+    for extent in extents[first..].iter().take_while(|e| e.start < end) {
+        let size = extent.dtype.bitsize() / 8;
+        let non_finite: fn(&[u8]) -> bool = match extent.dtype {
+            Dtype::F32 => {
+                |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000
+            }
+            Dtype::F64 => |c| {
+                u64::from_le_bytes(c.try_into().expect("8 bytes")) & 0x7FF0_0000_0000_0000
+                    == 0x7FF0_0000_0000_0000
+            },
+            Dtype::BF16 => |c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80,
+            Dtype::F16 => |c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00,
+            _ => continue,
+        };
+        // Element-aligned part of this write inside the tensor.
+        let lo = offset.max(extent.start);
+        let lo = extent.start + (lo - extent.start).next_multiple_of(size);
+        let hi = end.min(extent.end);
+        if lo >= hi {
+            continue;
+        }
+        let hi = lo + (hi - lo) / size * size;
+        let chunk = &bytes[lo - offset..hi - offset];
+        if chunk
+            .chunks_exact(size)
+            .fold(false, |bad, c| bad | non_finite(c))
+        {
+            return Err(DimcutError::NonFinite {
+                tensor: extent.name.clone(),
+                path: shard.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -203,14 +306,24 @@ fn write_at(file: &File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<(
     Ok(())
 }
 
-/// The output directory while it is being written.
+/// The manifest dimcut writes into every output: each file's size and SHA-256.
+pub const MANIFEST_FILE: &str = "dimcut-manifest.json";
+pub const MANIFEST_SCHEMA: &str = "dimcut.manifest/1";
+/// Temporary directories are `.<name>.dimcut-tmp-<pid>-<random>` beside the target.
+const TMP_MARK: &str = ".dimcut-tmp-";
+
+/// The output directory while it is being written. Holds the target's lock from creation to
+/// commit, so two runs writing the same output never interleave: the second is refused.
 pub struct Staging {
     dir: tempfile::TempDir,
     target: PathBuf,
+    overwrite: bool,
+    lock: OutputLock,
 }
 
 impl Staging {
-    /// Checks `target` against `src_dir` and creates the temporary directory beside it.
+    /// Checks `target` against `src_dir`, takes its lock, removes temporary directories that
+    /// dead runs left beside it, and creates the temporary directory.
     pub fn new(src_dir: &Path, target: &Path, overwrite: bool) -> Result<Self> {
         let target = absolute(target)?;
         let parent = target.parent().ok_or_else(|| {
@@ -238,49 +351,230 @@ impl Staging {
                 target.display()
             )));
         }
-        if target.exists() || target.is_symlink() {
-            if !overwrite {
-                return Err(DimcutError::OutputExists(target));
-            }
-            if src.starts_with(&target) {
-                return Err(DimcutError::InvalidArgument(format!(
-                    "overwriting {} would delete the source directory inside it",
-                    target.display()
-                )));
-            }
-            if !target.is_dir() {
-                return Err(DimcutError::InvalidArgument(format!(
-                    "{} exists and is not a directory",
-                    target.display()
-                )));
-            }
-        }
-        let prefix = format!(".{}.dimcut-tmp-", name.to_string_lossy());
+        check_existing(&target, &src, overwrite)?;
+        let name = name.to_string_lossy();
+        let lock = OutputLock::acquire(&parent, &name, &target)?;
+        check_existing(&target, &src, overwrite)?; // again, now that we hold the lock
+        remove_stale(&parent, &name);
+        let prefix = format!(".{name}{TMP_MARK}{}-", std::process::id());
         let dir = tempfile::Builder::new()
             .prefix(&prefix)
             .tempdir_in(&parent)
             .map_err(io_error(&parent))?;
-        Ok(Self { dir, target })
+        Ok(Self {
+            dir,
+            target,
+            overwrite,
+            lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    /// Moves the finished directory into place, replacing an old one (overwrite was checked).
+    /// Records every file's SHA-256 in the manifest, syncs everything, and moves the finished
+    /// directory into place, atomically replacing an old one where the OS allows.
     pub fn commit(self) -> Result<PathBuf> {
+        write_manifest(self.dir.path())?;
+        if self.target.exists() && !self.overwrite {
+            return Err(DimcutError::OutputExists(self.target.clone()));
+        }
         let staged = self.dir.keep();
         let result = replace_dir(&staged, &self.target);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&staged);
         }
+        if let Some(parent) = self.target.parent() {
+            let _ = sync_dir(parent);
+        }
+        drop(self.lock);
         result.map(|()| self.target)
     }
 }
 
+fn check_existing(target: &Path, src: &Path, overwrite: bool) -> Result<()> {
+    if target.exists() || target.is_symlink() {
+        if !overwrite {
+            return Err(DimcutError::OutputExists(target.to_path_buf()));
+        }
+        if src.starts_with(target) {
+            return Err(DimcutError::InvalidArgument(format!(
+                "overwriting {} would delete the source directory inside it",
+                target.display()
+            )));
+        }
+        if !target.is_dir() {
+            return Err(DimcutError::InvalidArgument(format!(
+                "{} exists and is not a directory",
+                target.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An exclusive lock on `.<name>.dimcut-lock` beside the target; the file is removed when the
+/// lock is released (a killed run leaves an unlocked file, which the next run takes over).
+struct OutputLock {
+    path: PathBuf,
+    file: File,
+}
+
+impl OutputLock {
+    fn acquire(parent: &Path, name: &str, target: &Path) -> Result<Self> {
+        let path = parent.join(format!(".{name}.dimcut-lock"));
+        for _ in 0..100 {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io_error(&path))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(DimcutError::OutputBusy(target.to_path_buf()))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_error(&path)(e)),
+            }
+            // The previous holder may have removed the file between our open and lock: only a
+            // lock on the file that is still at `path` counts.
+            if same_file(&file, &path) {
+                return Ok(Self { path, file });
+            }
+        }
+        Err(DimcutError::OutputBusy(target.to_path_buf()))
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
+#[cfg(unix)]
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &File, path: &Path) -> bool {
+    path.exists()
+}
+
+/// Whether a process id is alive; `true` when unknown, so nothing of a live run is removed.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists.
+        let code = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        code == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes `.<name>.dimcut-tmp-<pid>-*` directories (and their `.old` siblings) of processes
+/// that no longer exist: what a SIGKILLed or crashed run left behind. Best effort.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}{TMP_MARK}");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| pid != std::process::id() && !process_alive(pid)) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Hashes every regular file of `dir` and writes the manifest (sorted by file name).
+fn write_manifest(dir: &Path) -> Result<()> {
+    use rayon::prelude::*;
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let entry = entry.map_err(io_error(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != MANIFEST_FILE && entry.file_type().map_err(io_error(dir))?.is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    let hashed: Vec<(String, u64, String)> = names
+        .into_par_iter()
+        .map(|name| {
+            let path = dir.join(&name);
+            let (size, sha) = hash_file(&path).map_err(io_error(&path))?;
+            Ok((name, size, sha))
+        })
+        .collect::<Result<_>>()?;
+    let files: serde_json::Map<String, serde_json::Value> = hashed
+        .into_iter()
+        .map(|(name, size, sha)| (name, serde_json::json!({"size": size, "sha256": sha})))
+        .collect();
+    let manifest = serde_json::json!({"schema": MANIFEST_SCHEMA, "files": files});
+    let path = dir.join(MANIFEST_FILE);
+    let text = serde_json::to_string_pretty(&manifest).expect("JSON values always serialize");
+    let file = File::create(&path).map_err(io_error(&path))?;
+    write_at(&file, text.as_bytes(), 0).map_err(io_error(&path))?;
+    file.sync_all().map_err(io_error(&path))?;
+    sync_dir(dir)
+}
+
+/// Size and hex SHA-256 of a file; also syncs it to disk.
+pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        size += n as u64;
+    }
+    file.sync_all()?;
+    let digest = hasher.finalize();
+    Ok((size, digest.iter().map(|b| format!("{b:02x}")).collect()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
     if target.exists() {
-        // Move the old directory aside first so the target is never half-deleted.
+        if exchange(staged, target)? {
+            // `staged` now holds the old output.
+            return std::fs::remove_dir_all(staged).map_err(io_error(staged));
+        }
+        // No atomic exchange here: move the old directory aside first so the target is never
+        // half-deleted (a crash in between leaves the old output in `<staged>.old`).
         let mut aside = staged.as_os_str().to_owned();
         aside.push(".old");
         let aside = PathBuf::from(aside);
@@ -288,7 +582,65 @@ fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
         std::fs::rename(staged, target).map_err(io_error(target))?;
         std::fs::remove_dir_all(&aside).map_err(io_error(&aside))
     } else {
-        std::fs::rename(staged, target).map_err(io_error(target))
+        std::fs::rename(staged, target).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(code) if is_not_empty(code)) {
+                DimcutError::OutputExists(target.to_path_buf())
+            } else {
+                io_error(target)(e)
+            }
+        })
+    }
+}
+
+fn is_not_empty(code: i32) -> bool {
+    #[cfg(unix)]
+    {
+        code == libc::ENOTEMPTY || code == libc::EEXIST
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = code;
+        false
+    }
+}
+
+/// Atomically swaps two directories (Linux `renameat2(RENAME_EXCHANGE)`); `false` when the
+/// OS or file system cannot.
+fn exchange(a: &Path, b: &Path) -> Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let (Ok(ca), Ok(cb)) = (
+            CString::new(a.as_os_str().as_bytes()),
+            CString::new(b.as_os_str().as_bytes()),
+        ) else {
+            return Ok(false);
+        };
+        // SAFETY: two valid NUL-terminated paths; the syscall reads them only.
+        let code = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if code == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(io_error(b)(err)),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Ok(false)
     }
 }
 
