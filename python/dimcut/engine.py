@@ -48,6 +48,11 @@ class RewriteStats(TypedDict):
     flops: int
     seconds: float
     shards: int
+    # Where the time went: matrix products, dtype conversions, writes, the final fsync.
+    matmul_seconds: float
+    convert_seconds: float
+    write_seconds: float
+    sync_seconds: float
 
 
 Op = TensorOp | Mapping[str, Any]

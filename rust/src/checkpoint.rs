@@ -144,6 +144,22 @@ impl Checkpoint {
         &self.shards[entry.shard].map[entry.range.clone()]
     }
 
+    /// Asks the kernel to start reading the pages of `range` (relative to the tensor's bytes) in
+    /// the background, so the next tile's disk reads overlap this tile's arithmetic. Best effort.
+    pub fn prefetch(&self, entry: &TensorEntry, range: Range<usize>) {
+        #[cfg(unix)]
+        if !range.is_empty() {
+            let start = entry.range.start + range.start;
+            let _ = self.shards[entry.shard].map.advise_range(
+                memmap2::Advice::WillNeed,
+                start,
+                range.len(),
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = (entry, range);
+    }
+
     /// Drops the mapped pages of `range` (relative to the tensor's bytes) from this process,
     /// so resident memory stays bounded while streaming a large checkpoint. Best effort.
     pub fn release(&self, entry: &TensorEntry, range: Range<usize>) {

@@ -10,7 +10,10 @@ use crate::plan::{
     resolve, ArrayData, ArrayRef, Arrays, OpKind, ResolvedOp, Side, TensorOp, Transform,
 };
 use crate::tiling::{blocks, rows_per_tile, ColumnTiling};
-use crate::writer::{plan_layout, write_index, OutputTensor, ShardFiles, Staging};
+use crate::writer::{
+    background_buffer_bytes, plan_layout, write_in_background, write_index, OutputTensor,
+    ShardFiles, Staging,
+};
 use safetensors::Dtype;
 use std::path::Path;
 use std::str::FromStr;
@@ -80,6 +83,20 @@ pub struct Stats {
     pub flops: u64,
     pub seconds: f64,
     pub shards: usize,
+    /// Where the time went (wall seconds, summed over tiles): matrix products, dtype
+    /// conversions (decode, scale, encode), positioned writes, and the final fsync.
+    pub matmul_seconds: f64,
+    pub convert_seconds: f64,
+    pub write_seconds: f64,
+    pub sync_seconds: f64,
+}
+
+/// Runs `work`, adding its wall time to `slot`.
+fn timed<T>(slot: &mut f64, work: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let result = work();
+    *slot += start.elapsed().as_secs_f64();
+    result
 }
 
 /// Called with `(output bytes done, output bytes total)` after every tile; an error stops the run.
@@ -122,22 +139,31 @@ pub fn rewrite_checkpoint(
         .collect();
     let layout = plan_layout(&outputs, options.max_shard_size)?;
     let files = ShardFiles::create(staging.path(), &layout)?;
-    let mut executor = Executor::new(&checkpoint, arrays, options.memory_budget, progress);
+    // A slice of the budget buffers output on its way to the writer thread.
+    let chunk = (options.memory_budget / 16).clamp(1 << 16, MAX_COPY_CHUNK);
+    let tile_budget = options
+        .memory_budget
+        .saturating_sub(background_buffer_bytes(chunk));
+    let mut executor = Executor::new(&checkpoint, arrays, tile_budget, progress);
     executor.total = layout.total_size as u64;
-    in_pool(options.threads, || {
-        for (op, &(shard, offset)) in resolved.iter().zip(&layout.location) {
-            let mut sink = |at: usize, bytes: &[u8]| files.write(shard, offset + at, bytes);
-            executor.run(op, options.precision, &mut sink)?;
-        }
-        Ok(())
-    })??;
-    files.finish()?;
+    write_in_background(&files, chunk, |writes| {
+        in_pool(options.threads, || {
+            for (op, &(shard, offset)) in resolved.iter().zip(&layout.location) {
+                let mut sink = |at: usize, bytes: &[u8]| writes.write(shard, offset + at, bytes);
+                executor.run(op, options.precision, &mut sink)?;
+            }
+            Ok(())
+        })?
+    })?;
+    let mut sync_seconds = 0.0;
+    timed(&mut sync_seconds, || files.finish())?;
     write_index(staging.path(), &layout, &outputs)?;
     copy_side_files(src_dir, staging.path(), extra_files)?;
     staging.commit()?;
 
     let mut stats = executor.stats;
     stats.shards = layout.shards.len();
+    stats.sync_seconds = sync_seconds;
     stats.seconds = start.elapsed().as_secs_f64();
     Ok(stats)
 }
@@ -338,7 +364,7 @@ impl<'a, 'p> Executor<'a, 'p> {
     }
 
     fn emit(&mut self, sink: &mut Sink<'_>, offset: usize, bytes: &[u8]) -> Result<()> {
-        sink(offset, bytes)?;
+        timed(&mut self.stats.write_seconds, || sink(offset, bytes))?;
         self.stats.bytes_written += bytes.len() as u64;
         self.done += bytes.len() as u64;
         Ok(())
@@ -385,7 +411,9 @@ impl<'a, 'p> Executor<'a, 'p> {
         let mut bytes = vec![0u8; per_chunk.min(values.len()) * dtype.size()];
         for range in blocks(values.len(), per_chunk) {
             let out = &mut bytes[..range.len() * dtype.size()];
-            encode_into(&values[range.clone()], dtype, out);
+            timed(&mut self.stats.convert_seconds, || {
+                encode_into(&values[range.clone()], dtype, out)
+            });
             self.emit(sink, range.start * dtype.size(), out)?;
         }
         Ok(())
@@ -402,12 +430,14 @@ impl<'a, 'p> Executor<'a, 'p> {
         let qa = a.leading_columns::<R>(shortcut.keep_a);
         let qb = b.leading_columns::<R>(shortcut.keep_b);
         let mut product = vec![R::default(); shortcut.keep_a * shortcut.keep_b];
-        self.stats.flops += matmul(
-            &mut product,
-            false,
-            MatRef::row_major(&qa, rows, shortcut.keep_a).transpose(),
-            MatRef::row_major(&qb, rows, shortcut.keep_b),
-        );
+        self.stats.flops += timed(&mut self.stats.matmul_seconds, || {
+            matmul(
+                &mut product,
+                false,
+                MatRef::row_major(&qa, rows, shortcut.keep_a).transpose(),
+                MatRef::row_major(&qb, rows, shortcut.keep_b),
+            )
+        });
         self.encode_chunks(&product, op.float_dtype(), sink)
     }
 
@@ -468,8 +498,16 @@ impl<'a, 'p> Executor<'a, 'p> {
         let mut product = vec![R::default(); capacity * product_cols];
         let mut bytes = vec![0u8; capacity * out_cols * out_size];
         let source = self.checkpoint.bytes(&t.source);
+        let row_bytes = t.cols * in_size;
+        let checkpoint = self.checkpoint;
+        let prefetch = |rows: std::ops::Range<usize>| {
+            let rows = rows.start.min(out_rows)..rows.end.min(out_rows);
+            checkpoint.prefetch(&t.source, rows.start * row_bytes..rows.end * row_bytes);
+        };
+        prefetch(0..tile_rows);
 
         for rows in blocks(out_rows, tile_rows) {
+            prefetch(rows.end..rows.end + tile_rows);
             let n = rows.len();
             let tile = &mut tile[..n * read_cols];
             let block = ByteBlock {
@@ -479,25 +517,30 @@ impl<'a, 'p> Executor<'a, 'p> {
                 rows: rows.clone(),
                 cols: 0..read_cols,
             };
-            decode_block(block, tiles.scale, tile);
+            timed(&mut self.stats.convert_seconds, || {
+                decode_block(block, tiles.scale, tile)
+            });
             let result: &[R] = match tiles.in_rotation {
                 Some(q) => {
                     let product = &mut product[..n * out_cols];
-                    self.stats.flops += matmul(
-                        product,
-                        false,
-                        MatRef::row_major(tile, n, t.cols),
-                        MatRef::row_major(q, t.cols, out_cols),
-                    );
+                    self.stats.flops += timed(&mut self.stats.matmul_seconds, || {
+                        matmul(
+                            product,
+                            false,
+                            MatRef::row_major(tile, n, t.cols),
+                            MatRef::row_major(q, t.cols, out_cols),
+                        )
+                    });
                     product
                 }
                 None => tile,
             };
             let bytes = &mut bytes[..n * out_cols * out_size];
-            encode_into(result, tiles.dtype, bytes);
+            timed(&mut self.stats.convert_seconds, || {
+                encode_into(result, tiles.dtype, bytes)
+            });
             self.emit(sink, rows.start * out_cols * out_size, bytes)?;
             self.stats.bytes_read += (n * read_cols * in_size) as u64;
-            let row_bytes = t.cols * in_size;
             self.checkpoint
                 .release(&t.source, rows.start * row_bytes..rows.end * row_bytes);
             self.report()?;
@@ -538,11 +581,20 @@ impl<'a, 'p> Executor<'a, 'p> {
         let source = self.checkpoint.bytes(&t.source);
         let q_out = MatRef::row_major(out_rotation, t.rows, out_rows);
 
+        let source_row = t.cols * in_size;
+        let checkpoint = self.checkpoint;
+        let prefetch = |rows: std::ops::Range<usize>| {
+            let rows = rows.start.min(t.rows)..rows.end.min(t.rows);
+            checkpoint.prefetch(&t.source, rows.start * source_row..rows.end * source_row);
+        };
+
         for cols in blocks(out_cols, col_block) {
             let width = cols.len();
             let accumulator = &mut accumulator[..out_rows * width];
             accumulator.fill(R::default());
+            prefetch(0..row_block);
             for rows in blocks(t.rows, row_block) {
+                prefetch(rows.end..rows.end + row_block);
                 let n = rows.len();
                 let z = &mut z[..n * width];
                 match tiles.in_rotation {
@@ -555,11 +607,14 @@ impl<'a, 'p> Executor<'a, 'p> {
                             rows: rows.clone(),
                             cols: 0..t.cols,
                         };
-                        decode_block(block, tiles.scale, wide);
+                        timed(&mut self.stats.convert_seconds, || {
+                            decode_block(block, tiles.scale, wide)
+                        });
                         let q_in = MatRef::row_major(q_in, t.cols, out_cols)
                             .block(0..t.cols, cols.clone());
-                        self.stats.flops +=
-                            matmul(z, false, MatRef::row_major(wide, n, t.cols), q_in);
+                        self.stats.flops += timed(&mut self.stats.matmul_seconds, || {
+                            matmul(z, false, MatRef::row_major(wide, n, t.cols), q_in)
+                        });
                         self.stats.bytes_read += (n * t.cols * in_size) as u64;
                     }
                     None => {
@@ -570,20 +625,24 @@ impl<'a, 'p> Executor<'a, 'p> {
                             rows: rows.clone(),
                             cols: cols.clone(),
                         };
-                        decode_block(block, tiles.scale, z);
+                        timed(&mut self.stats.convert_seconds, || {
+                            decode_block(block, tiles.scale, z)
+                        });
                         self.stats.bytes_read += (n * width * in_size) as u64;
                     }
                 }
                 let q_rows = q_out.block(rows.clone(), 0..out_rows).transpose();
-                self.stats.flops +=
-                    matmul(accumulator, true, q_rows, MatRef::row_major(z, n, width));
-                let source_row = t.cols * in_size;
+                self.stats.flops += timed(&mut self.stats.matmul_seconds, || {
+                    matmul(accumulator, true, q_rows, MatRef::row_major(z, n, width))
+                });
                 let touched = rows.start * source_row..rows.end * source_row;
                 self.checkpoint.release(&t.source, touched);
             }
             let row_bytes = &mut row_bytes[..width * out_size];
             for (i, values) in accumulator.chunks_exact(width).enumerate() {
-                encode_into(values, tiles.dtype, row_bytes);
+                timed(&mut self.stats.convert_seconds, || {
+                    encode_into(values, tiles.dtype, row_bytes)
+                });
                 self.emit(sink, (i * out_cols + cols.start) * out_size, row_bytes)?;
             }
             self.report()?;

@@ -4,6 +4,7 @@
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{DimcutError, Result};
 use crate::kernels::{FloatDtype, Real};
+use rayon::prelude::*;
 use safetensors::Dtype;
 use std::collections::{HashMap, HashSet};
 
@@ -59,18 +60,26 @@ impl ArrayRef<'_> {
     pub fn leading_columns<R: Real>(&self, keep: usize) -> Vec<R> {
         let (rows, cols) = (self.shape[0], self.shape[1]);
         assert!(keep <= cols, "leading_columns: keep > columns");
-        let mut out = Vec::with_capacity(rows * keep);
-        for row in 0..rows {
+        let mut out = vec![R::default(); rows * keep];
+        if keep == 0 {
+            return out;
+        }
+        // A D×d rotation is tens of MB: convert rows in parallel (rayon's current pool).
+        out.par_chunks_mut(keep).enumerate().for_each(|(row, out)| {
             let start = row * cols;
             match self.data {
                 ArrayData::F32(values) => {
-                    out.extend(values[start..start + keep].iter().map(|&v| R::from_f32(v)))
+                    for (slot, &v) in out.iter_mut().zip(&values[start..start + keep]) {
+                        *slot = R::from_f32(v);
+                    }
                 }
                 ArrayData::F64(values) => {
-                    out.extend(values[start..start + keep].iter().map(|&v| R::from_f64(v)))
+                    for (slot, &v) in out.iter_mut().zip(&values[start..start + keep]) {
+                        *slot = R::from_f64(v);
+                    }
                 }
             }
-        }
+        });
         out
     }
 }

@@ -282,6 +282,10 @@ fn stats_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py, PyDict
     dict.set_item("flops", stats.flops)?;
     dict.set_item("seconds", stats.seconds)?;
     dict.set_item("shards", stats.shards)?;
+    dict.set_item("matmul_seconds", stats.matmul_seconds)?;
+    dict.set_item("convert_seconds", stats.convert_seconds)?;
+    dict.set_item("write_seconds", stats.write_seconds)?;
+    dict.set_item("sync_seconds", stats.sync_seconds)?;
     Ok(dict)
 }
 
