@@ -271,7 +271,9 @@ def _load_core():
 def _load_arrays(workdir: Path) -> dict:
     import numpy as np
 
-    return {p.stem: np.load(p, allow_pickle=False) for p in sorted((workdir / "arrays").glob("*.npy"))}
+    return {
+        p.stem: np.load(p, allow_pickle=False) for p in sorted((workdir / "arrays").glob("*.npy"))
+    }
 
 
 def worker_engine(workdir: Path, params: dict) -> dict:
