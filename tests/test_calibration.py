@@ -217,3 +217,14 @@ def test_activations_spill_to_disk_with_identical_rotations(llama):
     assert not in_memory.record["activations_on_disk"] and spilled.record["activations_on_disk"]
     for name, rotation in in_memory.rotations.items():
         np.testing.assert_array_equal(rotation, spilled.rotations[name])
+
+
+def test_plain_width_is_one_the_stock_config_accepts(llama, tmp_path):
+    """0.66·64 = 42 is a multiple of --round-to 2 but not of Llama's 4 heads, which
+    transformers' LlamaConfig requires of hidden_size: the plain format rounds down to 40."""
+    result = dimcut.slice_model(llama, 0.34, tmp_path / "out", fmt="plain", round_to=2, **CALIB)
+    assert result.hidden_size == 40
+    model, _ = dimcut.load(tmp_path / "out")
+    assert model.config.hidden_size == 40
+    sliced = dimcut.slice_model(llama, 0.34, tmp_path / "faithful", round_to=2, **CALIB)
+    assert sliced.hidden_size == 42  # the slicegpt format has no such constraint

@@ -71,6 +71,25 @@ class SliceResult:
         return "\n".join(lines)
 
 
+def stock_width(arch: Architecture, width: int, round_to: int) -> int:
+    """The largest width ≤ `width`, a multiple of `round_to`, that the family's stock config
+    accepts as its hidden size (the plain format is a stock model: transformers' LlamaConfig,
+    for one, requires hidden_size to be a multiple of num_attention_heads even with an explicit
+    head_dim)."""
+    from transformers import AutoConfig
+
+    for candidate in range(width, 0, -round_to):
+        try:
+            AutoConfig.for_model(**formats.plain_config(arch, candidate, {}))
+        except Exception:  # the config's own validation refused this hidden size
+            continue
+        return candidate
+    raise ValueError(
+        f"no hidden size ≤ {width} that is a multiple of --round-to {round_to} makes a valid "
+        f"stock {arch.model_type} config; use --format slicegpt"
+    )
+
+
 def plan_widths(arch: Architecture, fmt: str, width: int, slice_head: bool) -> Widths:
     # The plain format is one stock model of width d, so its head is always sliced.
     head = None if (slice_head or fmt == "plain") else arch.hidden_size
@@ -119,6 +138,8 @@ def write_sliced_model(
 
     arch = load_architecture(model_dir)
     tensors = inspect_checkpoint(model_dir)
+    if fmt == "plain" and stock_width(arch, width, 1) != width:
+        raise ValueError(f"width {width} is not a valid hidden size for a stock {arch.model_type}")
     widths = plan_widths(arch, fmt, width, slice_head)
     names, arrays = rotation_arrays(fmt, rotations, widths, arch)
     ops = model_ops(arch, fmt, names, widths, tensors)
@@ -196,6 +217,8 @@ def slice_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     arch = load_architecture(model_dir)
     width = sliced_width(arch.hidden_size, sparsity, round_to)
+    if fmt == "plain":
+        width = stock_width(arch, width, round_to)
     _check_output(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
