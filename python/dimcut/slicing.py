@@ -76,18 +76,24 @@ def stock_width(arch: Architecture, width: int, round_to: int) -> int:
     accepts as its hidden size (the plain format is a stock model: transformers' LlamaConfig,
     for one, requires hidden_size to be a multiple of num_attention_heads even with an explicit
     head_dim)."""
-    from transformers import AutoConfig
-
     for candidate in range(width, 0, -round_to):
-        try:
-            AutoConfig.for_model(**formats.plain_config(arch, candidate, {}))
-        except Exception:  # the config's own validation refused this hidden size
-            continue
-        return candidate
+        if _stock_config_accepts(arch, candidate):
+            return candidate
     raise ValueError(
         f"no hidden size ≤ {width} that is a multiple of --round-to {round_to} makes a valid "
         f"stock {arch.model_type} config; use --format slicegpt"
     )
+
+
+def _stock_config_accepts(arch: Architecture, width: int) -> bool:
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(**formats.plain_config(arch, width, {}))
+    except (ValueError, StrictDataclassError):
+        return False
+    return True
 
 
 def plan_widths(arch: Architecture, fmt: str, width: int, slice_head: bool) -> Widths:
