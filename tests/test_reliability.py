@@ -24,10 +24,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import dimcut
 from dimcut.cli import main
 from tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+# Where the imported dimcut lives (the source tree in a develop install, site-packages
+# otherwise): child processes must import the same, built package.
+PACKAGE_ROOT = Path(dimcut.__file__).resolve().parent.parent
 SLICE = ["--sparsity", "0.25", "--nsamples", "2", "--seqlen", "16", "-q"]
 
 
@@ -506,7 +510,7 @@ def test_a_locked_output_is_refused(pristine, tmp_path, capsys):
 
 
 def cli(args: list, *, hook: str | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("DIMCUT_FAULT_WRITE_AFTER", None)
     if hook:
         env["DIMCUT_TEST_SIGNAL"] = hook
@@ -567,7 +571,7 @@ def test_concurrent_slices_of_one_output(pristine, tmp_path, capsys):
     rotations = tmp_path / "q.npz"
     assert run(slice_args(pristine, tmp_path / "a", "--save-rotations", rotations), capsys)[0] == 0
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "HF_HUB_OFFLINE": "1"}
     args = [
         sys.executable,
         "-m",
