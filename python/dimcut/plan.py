@@ -221,17 +221,3 @@ def _check_coverage(arch: Architecture, ops: list[dict], tensors: dict) -> None:
             f"{arch.model_type!r}: {', '.join(unexplained[:5])}"
             f"{' …' if len(unexplained) > 5 else ''}"
         )
-
-
-def output_shape(op: dict, tensors: dict) -> tuple[int, ...]:
-    """Shape of the tensor an op produces, given the source inventory (name → (dtype, shape, file))."""
-    if op.get("shortcut"):
-        return (op["shortcut"][2], op["shortcut"][3])
-    if op.get("literal"):
-        raise ValueError("literal shapes come from their arrays")
-    shape = list(tensors[op["source"]][1])
-    if op.get("in_keep") is not None:
-        shape[-1] = op["in_keep"]
-    if op.get("out_keep") is not None:
-        shape[0] = op["out_keep"]
-    return tuple(shape)
