@@ -518,17 +518,12 @@ def _overlaps_calibration(facts: dict, source_key: str) -> bool | None:
 
 def count_parameters(model) -> dict:
     """Parameters of the loaded model (tied tensors once), shortcut matrices counted apart."""
-    from dimcut.formats import SHORTCUT_MARK
+    from dimcut.formats import split_shortcuts
 
-    seen, total, shortcuts = set(), 0, 0
+    unique = {}  # tied tensors share storage: count each once
     for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel()
-        if SHORTCUT_MARK in name:
-            shortcuts += tensor.numel()
-    return {"total": total, "shortcuts": shortcuts, "without_shortcuts": total - shortcuts}
+        unique.setdefault(tensor.data_ptr(), (name, tensor.numel()))
+    return split_shortcuts(unique.values())
 
 
 def checkpoint_fingerprint(model_dir: Path) -> str | None:

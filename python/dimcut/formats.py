@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from dimcut import modeling_dimcut
@@ -58,6 +60,16 @@ def output_files(config: dict, fmt: str) -> dict[str, bytes]:
     return files
 
 
+def split_shortcuts(sizes: Iterable[tuple[str, int]]) -> dict:
+    """{"total", "shortcuts", "without_shortcuts"} of (tensor name, element count) pairs."""
+    total = shortcuts = 0
+    for name, size in sizes:
+        total += size
+        if SHORTCUT_MARK in name:
+            shortcuts += size
+    return {"total": total, "shortcuts": shortcuts, "without_shortcuts": total - shortcuts}
+
+
 def count_parameters(model_dir: str | Path) -> dict:
     """Parameters of a checkpoint (dense or sliced), read from its safetensors headers.
 
@@ -67,15 +79,7 @@ def count_parameters(model_dir: str | Path) -> dict:
     from dimcut.engine import inspect_checkpoint
 
     tensors = inspect_checkpoint(model_dir)
-    total = shortcuts = 0
-    for name, (_dtype, shape, _file) in tensors.items():
-        size = 1
-        for dim in shape:
-            size *= dim
-        total += size
-        if SHORTCUT_MARK in name:
-            shortcuts += size
-    counts = {"total": total, "shortcuts": shortcuts, "without_shortcuts": total - shortcuts}
+    counts = split_shortcuts((name, math.prod(shape)) for name, (_, shape, _) in tensors.items())
     config_path = Path(model_dir) / "config.json"
     if config_path.is_file():
         facts = json.loads(config_path.read_text()).get("dimcut") or {}

@@ -14,6 +14,8 @@ The model is the family's own base model (LlamaModel, Qwen2Model, ...) after sur
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import transformers
 from torch import nn
@@ -114,7 +116,10 @@ def _sliced_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs) ->
     return residual + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-_SLICED_LAYER_CLASSES: dict[type, type] = {}
+@functools.cache
+def _sliced_class(stock: type) -> type:
+    """The stock decoder layer class with the shortcut-aware forward (one per family)."""
+    return type(f"Sliced{stock.__name__}", (stock,), {"forward": _sliced_layer_forward})
 
 
 def slice_decoder_layer(
@@ -142,13 +147,8 @@ def slice_decoder_layer(
             None if shape is None else nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         )
         setattr(layer, f"{which}_shortcut", value)
-    stock = type(layer)
-    if stock not in _SLICED_LAYER_CLASSES.values():
-        sliced = _SLICED_LAYER_CLASSES.get(stock)
-        if sliced is None:
-            sliced = type(f"Sliced{stock.__name__}", (stock,), {"forward": _sliced_layer_forward})
-            _SLICED_LAYER_CLASSES[stock] = sliced
-        layer.__class__ = sliced
+    if type(layer).forward is not _sliced_layer_forward:
+        layer.__class__ = _sliced_class(type(layer))
     return layer
 
 
