@@ -13,12 +13,29 @@ name; the arrays themselves travel beside the ops. The rules (docs: ../shared sl
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, FINAL_NORM, LM_HEAD, Architecture
 
-FORMATS = ("slicegpt", "plain")
+
+
+@enum.unique
+class Format(str, enum.Enum):
+    """The two output formats (README "What gets written")."""
+
+    SLICEGPT = "slicegpt"  # per-layer rotations + shortcut matrices, faithful to the paper
+    PLAIN = "plain"  # one rotation, no shortcuts: a stock architecture of width d
+
+    @classmethod
+    def parse(cls, value: str | Format, parameter: str = "format") -> Format:
+        """Parse once at an entry point, so a typo fails before any work is done."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(f.value for f in cls)
+            raise ValueError(f"{parameter} must be one of {choices}, got {value!r}") from None
 
 # Tensors that stock checkpoints sometimes carry but models recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -180,8 +197,7 @@ def model_ops(
     tensors: dict,
 ) -> list[dict]:
     """Ops for the whole checkpoint; refuses tensors the architecture does not explain."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    fmt = Format.parse(fmt)
     if EMBEDDING not in tensors:
         raise DimcutError(f"the checkpoint has no {EMBEDDING}; is it a {arch.model_type} model?")
     dtype = tensors[EMBEDDING][0]

@@ -1,0 +1,92 @@
+"""What every stage shares about the machine it runs on: the compute device, peak memory, the
+memory budget, and writing a file so that readers never see half of it.
+
+Importing this module is cheap (no torch): device resolution imports torch only when called.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import resource
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+GIB = 2**30
+
+# One user-facing memory setting (`--memory-budget`) reaches every stage: calibration keeps its
+# activations in RAM up to half of it (then spills to disk), the engine's tiles get a quarter.
+DEFAULT_MEMORY_BUDGET = 2 * GIB
+
+
+@enum.unique
+class Device(str, enum.Enum):
+    """Where calibration, evaluation and healing compute."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    @classmethod
+    def parse(cls, value: str | Device, parameter: str = "device") -> Device:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(d.value for d in cls)
+            raise ValueError(f"{parameter} must be one of {choices}, got {value!r}") from None
+
+
+def torch_device(device: str | Device = Device.AUTO):
+    """The one place that turns a device choice into a `torch.device` (no `.cuda()` elsewhere)."""
+    import torch
+
+    device = Device.parse(device)
+    if device is Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise ValueError("device cuda: CUDA is not available on this machine (use cpu or auto)")
+    return torch.device(device.value)
+
+
+def engine_budget(memory_budget: int) -> int:
+    """The engine's tile budget within the user's memory budget."""
+    return max(memory_budget // 4, 16 * 2**20)
+
+
+def activation_budget(memory_budget: int) -> int:
+    """Bytes of calibration activations kept in RAM before spilling to disk."""
+    return memory_budget // 2
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux: VmHWM; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through a temporary file beside it, fsynced and renamed into place: a reader
+    sees the old file or the whole new one, and a failure leaves nothing behind."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode()))
