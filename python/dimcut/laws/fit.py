@@ -1,0 +1,341 @@
+"""The laws, fitted per model and metric, and the fit report (fit.json, Table 3 of the paper)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dimcut.laws.records import ModelRuns, Record, group_by_model
+from dimcut.laws.stats import LineFit, fit_line
+from dimcut.runtime import atomic_write_text
+
+FIT_SCHEMA = "dimcut.fit/1"
+PERPLEXITY = "perplexity"  # the metric name of the perplexity law; every other metric is a task
+X_AXIS = "effective sparsity s = 1 − d/D"
+
+
+@dataclass(frozen=True)
+class Law:
+    """How a measured value maps to the law's y and back."""
+
+    formula: str
+    y_label: str
+    theory_intercept: float  # the b that --fixed-intercept imposes
+    to_y: Callable[[float, float], float]  # (value, baseline) -> y
+    from_y: Callable[[float, float], float]  # (y, baseline) -> value
+
+
+def _ppl_from_y(y: float, ppl0: float) -> float:
+    # y ≤ 0 means the law has run out: ln(PPL) = ln(PPL0)/y would be infinite or negative.
+    return math.exp(math.log(ppl0) / y) if y > 0 else math.inf
+
+
+PERPLEXITY_LAW = Law(
+    formula="ln(PPL0)/ln(PPL) = a·s + b",
+    y_label="ln PPL₀ / ln PPL",
+    theory_intercept=1.0,
+    to_y=lambda ppl, ppl0: math.log(ppl0) / math.log(ppl),
+    from_y=_ppl_from_y,
+)
+ACCURACY_LAW = Law(
+    formula="ln(acc/acc0) = a·s + b",
+    y_label="ln(acc / acc₀)",
+    theory_intercept=0.0,
+    to_y=lambda acc, acc0: math.log(acc / acc0),
+    from_y=lambda y, acc0: acc0 * math.exp(y),
+)
+
+
+def law_for(metric: str) -> Law:
+    return PERPLEXITY_LAW if metric == PERPLEXITY else ACCURACY_LAW
+
+
+@dataclass(frozen=True)
+class MetricFit:
+    """The law fitted for one metric of one model."""
+
+    metric: str  # "perplexity" or a task name
+    measure: str  # "ppl" or the task's headline metric, e.g. "acc_norm"
+    baseline: float  # PPL0 or acc0: the dense model's value
+    line: LineFit
+
+    @property
+    def law(self) -> Law:
+        return law_for(self.metric)
+
+    @property
+    def theory_rmse(self) -> float | None:
+        """RMSE of the theoretical perplexity line y = 1 − s (None for accuracy: no theory slope)."""
+        return self.line.rmse_of(-1.0, 1.0) if self.metric == PERPLEXITY else None
+
+    def to_dict(self) -> dict:
+        line = self.line
+        return {
+            "metric": self.metric,
+            "measure": self.measure,
+            "law": self.law.formula,
+            "baseline": self.baseline,
+            "a": line.a,
+            "b": line.b,
+            "fixed_intercept": line.fixed_intercept,
+            "rmse": line.rmse,
+            "r2": line.r2,
+            "se_a": line.se_a,
+            "se_b": line.se_b,
+            "n": line.n,
+            "dof": line.dof,
+            "theory_rmse": self.theory_rmse,
+            "sparsity_range": [0.0, line.s_max],
+            "points": [
+                {"s": s, "y": y, "value": self.law.from_y(y, self.baseline)}
+                for s, y in zip(line.s, line.y)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MetricFit:
+        # The coefficients are recomputed from the stored points: one source of truth.
+        points = data["points"]
+        intercept = data["b"] if data["fixed_intercept"] else None
+        line = fit_line([p["s"] for p in points], [p["y"] for p in points], intercept=intercept)
+        return cls(data["metric"], data["measure"], data["baseline"], line)
+
+
+@dataclass(frozen=True)
+class ModelFit:
+    """The laws fitted for one dense model and its sliced variants."""
+
+    label: str
+    hidden_size: int | None  # D, when the records give it
+    metrics: tuple[MetricFit, ...]
+
+    def metric(self, name: str) -> MetricFit:
+        for fit in self.metrics:
+            if fit.metric == name:
+                return fit
+        known = ", ".join(f.metric for f in self.metrics)
+        raise ValueError(f"model {self.label!r} has no fit for {name!r} (it has: {known})")
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "hidden_size": self.hidden_size,
+            "fits": [fit.to_dict() for fit in self.metrics],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelFit:
+        metrics = tuple(MetricFit.from_dict(fit) for fit in data["fits"])
+        return cls(data["label"], data.get("hidden_size"), metrics)
+
+
+def fit_model(runs: ModelRuns, *, fixed_intercept: bool = False) -> ModelFit:
+    """Fit the perplexity law and one accuracy law per task measured on the sliced models."""
+    metrics = ([PERPLEXITY] if any(r.perplexity is not None for r in runs.sliced) else []) + sorted(
+        {task for r in runs.sliced for task in r.tasks}
+    )
+    if not metrics:
+        raise ValueError(f"model {runs.label!r}: its sliced records measure nothing to fit")
+    return ModelFit(
+        runs.label,
+        runs.hidden_size,
+        tuple(_fit_metric(runs, metric, fixed_intercept) for metric in metrics),
+    )
+
+
+def _measurement(record: Record, metric: str) -> tuple[str, float] | None:
+    if metric == PERPLEXITY:
+        return None if record.perplexity is None else ("ppl", record.perplexity)
+    return record.tasks.get(metric)
+
+
+def _fit_metric(runs: ModelRuns, metric: str, fixed_intercept: bool) -> MetricFit:
+    where = f"model {runs.label!r}, {metric}"
+    dense = _measurement(runs.dense, metric)
+    if dense is None:
+        raise ValueError(
+            f"{where}: measured on sliced models but not on the dense baseline {runs.dense.path}"
+        )
+    measure, baseline = dense
+    measured = [(r, m[1]) for r in runs.sliced if (m := _measurement(r, metric)) is not None]
+    if len(measured) < 2:
+        at = ", ".join(f"s = {r.effective_sparsity:.3g}" for r, _ in measured) or "none"
+        raise ValueError(
+            f"{where}: {len(measured)} sliced point(s) ({at}); the fit needs at least 2 sliced "
+            "models besides the dense baseline (2 parameters plus 1 degree of freedom for "
+            "standard errors)"
+        )
+    _check_domain(where, runs.dense.path, baseline, metric)
+    for record, value in measured:
+        _check_domain(where, record.path, value, metric)
+
+    law = law_for(metric)
+    points = [(r.effective_sparsity, law.to_y(value, baseline)) for r, value in measured]
+    if not fixed_intercept:
+        points.insert(0, (0.0, law.to_y(baseline, baseline)))
+    s, y = zip(*points)
+    line = fit_line(s, y, intercept=law.theory_intercept if fixed_intercept else None)
+    return MetricFit(metric, measure, baseline, line)
+
+
+def _check_domain(where: str, path: str, value: float, metric: str) -> None:
+    if metric == PERPLEXITY and value <= 1:
+        raise ValueError(
+            f"{where}: PPL = {value} ≤ 1 in {path}; ln PPL ≤ 0 makes ln PPL0 / ln PPL meaningless"
+        )
+    if metric != PERPLEXITY and value <= 0:
+        raise ValueError(f"{where}: accuracy = {value} in {path}; ln(acc/acc0) needs acc > 0")
+
+
+_TABLE_HEADER = ["model", "metric", "a", "b", "RMSE", "R²", "SE(a)", "SE(b)", "n", "RMSE theory"]
+
+
+def text_table(rows: list[list[str]], *, left: int) -> str:
+    """Rows as text columns under a rule; the first `left` columns left-aligned, the rest right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i < left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """The fitted laws of several models; saved as fit.json (schema `dimcut.fit/1`)."""
+
+    models: tuple[ModelFit, ...]
+    fixed_intercept: bool
+    sources: tuple[str, ...] = ()
+
+    def model(self, label: str | None = None) -> ModelFit:
+        """The fit of `label`; without a label, the only model."""
+        labels = [m.label for m in self.models]
+        if label is None:
+            if len(self.models) == 1:
+                return self.models[0]
+            raise ValueError(f"the fit holds several models ({', '.join(labels)}); choose one")
+        for model in self.models:
+            if model.label == label:
+                return model
+        raise ValueError(f"no model {label!r} in the fit (it has: {', '.join(labels)})")
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": FIT_SCHEMA,
+            "x": X_AXIS,
+            "laws": {"perplexity": PERPLEXITY_LAW.formula, "accuracy": ACCURACY_LAW.formula},
+            "intercept": "fixed" if self.fixed_intercept else "free",
+            "notes": (
+                "RMSE = sqrt(mean residual²); SEs from SS_res/dof. The dense model is the point "
+                "s = 0 of free-intercept fits; with a fixed intercept it is the constraint and is "
+                "not among the points. theory_rmse: the line a = −1, b = 1."
+            ),
+            "sources": list(self.sources),
+            "models": [model.to_dict() for model in self.models],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FitReport:
+        if data.get("schema") != FIT_SCHEMA:
+            raise ValueError(f"schema {data.get('schema')!r}, expected {FIT_SCHEMA!r}")
+        models = tuple(ModelFit.from_dict(model) for model in data["models"])
+        return cls(models, data["intercept"] == "fixed", tuple(data.get("sources", ())))
+
+    def save(self, path: str | Path) -> None:
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FitReport:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a readable {FIT_SCHEMA} file ({exc!r})") from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def _rows(self) -> list[list[str]]:
+        def num(value: float | None, digits: int = 3) -> str:
+            return "—" if value is None else f"{value:.{digits}f}"
+
+        rows = []
+        for model in self.models:
+            for fit in model.metrics:
+                line = fit.line
+                rows.append(
+                    [
+                        model.label,
+                        f"{fit.metric} ({fit.measure})",
+                        num(line.a),
+                        num(line.b),
+                        num(line.rmse),
+                        num(line.r2),
+                        num(line.se_a),
+                        num(line.se_b),
+                        str(line.n),
+                        num(fit.theory_rmse),
+                    ]
+                )
+        return rows
+
+    def _caption(self) -> list[str]:
+        if self.fixed_intercept:
+            intercept = "Intercept b fixed to the theory (1 for perplexity, 0 for accuracy)"
+        else:
+            intercept = "Slope a and intercept b fitted; the dense model is the point s = 0"
+        return [
+            f"Sparsity laws y = a·s + b over the {X_AXIS}.",
+            (
+                f"Perplexity: {PERPLEXITY_LAW.formula}; accuracy (the task's headline metric): "
+                f"{ACCURACY_LAW.formula}."
+            ),
+            f"{intercept}. RMSE theory: the line a = −1, b = 1.",
+        ]
+
+    def table(self) -> str:
+        """A plain-text table shaped like the paper's Table 3."""
+        caption = "\n".join(self._caption())
+        return caption + "\n\n" + text_table([_TABLE_HEADER, *self._rows()], left=2)
+
+    def markdown(self) -> str:
+        """The same table as Markdown."""
+        lines = [
+            "# Sparsity-law fits",
+            "",
+            "  \n".join(self._caption()),  # two trailing spaces: a Markdown line break
+            "",
+            "| " + " | ".join(_TABLE_HEADER) + " |",
+            "|" + "|".join(["---"] * 2 + ["---:"] * (len(_TABLE_HEADER) - 2)) + "|",
+            *("| " + " | ".join(row) + " |" for row in self._rows()),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def fit_records(
+    records: Iterable[Record],
+    *,
+    fixed_intercept: bool = False,
+    labels: Iterable[str] | None = None,
+) -> FitReport:
+    """Fit the laws for every model among `records` (or only those in `labels`)."""
+    records = list(records)
+    groups = group_by_model(records)
+    if labels:
+        missing = [label for label in labels if label not in groups]
+        if missing:
+            raise ValueError(
+                f"no records for model(s) {', '.join(map(repr, missing))} "
+                f"(found: {', '.join(map(repr, groups))})"
+            )
+        groups = {label: groups[label] for label in labels}
+    models = tuple(fit_model(runs, fixed_intercept=fixed_intercept) for runs in groups.values())
+    sources = tuple(r.path for runs in groups.values() for r in (runs.dense, *runs.sliced))
+    return FitReport(models, fixed_intercept, sources)

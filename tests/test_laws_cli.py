@@ -1,0 +1,58 @@
+"""`dimcut fit` and `dimcut predict`, the plots, and what importing the laws costs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dimcut.laws import plot_fits
+from dimcut.laws.fit import PERPLEXITY
+from laws_records import fit_of, law_records, write
+
+
+def test_plots_are_png_and_svg(tmp_path):
+    records = law_records("a", [0.1, 0.2, 0.3]) + law_records("b", [0.1, 0.2, 0.3], a=-0.9)
+    written = plot_fits(fit_of(tmp_path, records), tmp_path / "fig.png")
+    png, svg = written
+    assert (png.name, svg.name) == ("fig.png", "fig.svg")
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10_000
+    assert "<svg" in svg.read_text() and svg.stat().st_size > 10_000
+    with pytest.raises(ValueError, match=".png and .svg"):
+        plot_fits(fit_of(tmp_path / "2", records), tmp_path / "fig.pdf")
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_fit_and_predict(tmp_path, capsys):
+    from dimcut.cli import main
+
+    runs = write(
+        tmp_path / "runs", law_records("m", [0.1, 0.2, 0.3], residuals=[0.01, -0.02, 0.01])
+    )
+    out, md, fig = tmp_path / "fit.json", tmp_path / "fit.md", tmp_path / "fig.png"
+    argv = ["fit", str(runs), "--out", str(out), "--markdown", str(md), "--plot", str(fig)]
+    assert main(argv) == 0
+    assert "perplexity (ppl)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["schema"] == "dimcut.fit/1"
+    assert md.read_text().startswith("# Sparsity-law fits")
+    assert fig.exists() and fig.with_suffix(".svg").exists()
+
+    assert main(["predict", "--fit", str(out), "--sparsity", "0.25", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [p["metric"] for p in document["predictions"]] == [PERPLEXITY, "arc_easy"]
+    assert document["predictions"][0]["hidden_size"] == 3072
+
+    assert main(["predict", "--fit", str(out), "--max-ppl", "15"]) == 0
+    text = capsys.readouterr().out
+    assert "largest effective sparsity s = 1 − d/D with predicted perplexity ≤ 15" in text
+
+    assert main(["predict", "--fit", str(out), "--min-acc", "arc_easy=0.5", "--json"]) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
+    assert prediction["value"] >= 0.5 and prediction["hidden_size"] % 8 == 0
+
+    assert main(["predict", "--fit", str(out), "--sparsity", "0.9"]) == 1
+    assert "--allow-extrapolation" in capsys.readouterr().err
+    assert main(["predict", "--fit", str(out), "--min-acc", "0.5"]) == 1
+    assert "TASK=Y" in capsys.readouterr().err
