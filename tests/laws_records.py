@@ -80,3 +80,10 @@ def law_records(
 
 def fit_of(tmp_path: Path, records: list[dict], **options) -> FitReport:
     return fit_records(load_records([write(tmp_path / "runs", records)]), **options)
+
+
+def sweep_records(label: str, widths: list[int], hidden_size: int) -> list[dict]:
+    """Records of a sweep whose cuts have the sliced widths d: s = 1 − d/D, as `dimcut slice`
+    records it (the fixtures above use round sparsities, which are not whole widths)."""
+    sparsities = [1 - width / hidden_size for width in widths]
+    return law_records(label, sparsities, original_hidden_size=hidden_size)

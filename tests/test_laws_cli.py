@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from dimcut.laws import plot_fits
 from dimcut.laws.fit import PERPLEXITY
-from laws_records import fit_of, law_records, write
+from laws_records import fit_of, law_records, sweep_records, write
 
 
 def test_plots_are_png_and_svg(tmp_path):
@@ -56,3 +58,45 @@ def test_cli_fit_and_predict(tmp_path, capsys):
     assert "--allow-extrapolation" in capsys.readouterr().err
     assert main(["predict", "--fit", str(out), "--min-acc", "0.5"]) == 1
     assert "TASK=Y" in capsys.readouterr().err
+
+
+def test_cli_predict_says_what_widths_are_rounded_to(tmp_path, capsys):
+    from dimcut.cli import main
+
+    # A plain SmolLM2 sweep (D = 576, 9 heads): its widths are multiples of 72.
+    runs = write(tmp_path / "plain", sweep_records("SmolLM2", [504, 432, 360, 288], 576))
+    plain = tmp_path / "plain.json"
+    assert main(["fit", str(runs), "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--fit", str(plain), "--sparsity", "0.15"]) == 0
+    text = capsys.readouterr().out
+    assert "hidden width d = 432 of D = 576 (effective sparsity 0.2500)" in text
+    assert "rounded down to a multiple of 72, as `dimcut slice` cuts" in text
+    assert "(72: the gcd of the measured sliced widths" in text
+    assert main(["predict", "--fit", str(plain), "--max-ppl", "40"]) == 0
+    text = capsys.readouterr().out
+    # The law solves s = 0.369 for PPL 40: (1 − s)·D = 363.2 rounds up to 432, not to 368.
+    assert "with predicted perplexity ≤ 40: 0.2500" in text
+    assert "hidden width d = 432 of D = 576: rounded up to a multiple of 72" in text
+
+    # Round sparsities of D = 4096 are not whole widths: the slice default is used, and said so.
+    runs = write(tmp_path / "round", law_records("m", [0.1, 0.2, 0.3]))
+    fit = tmp_path / "round.json"
+    assert main(["fit", str(runs), "--out", str(fit)]) == 0
+    assert main(["predict", "--fit", str(fit), "--sparsity", "0.25"]) == 0
+    assert "(8: `dimcut slice`'s default --round-to" in capsys.readouterr().out
+
+
+def test_importing_the_laws_imports_neither_torch_nor_matplotlib():
+    # With torch blocked any import of it fails; transformers and matplotlib must stay unloaded.
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import dimcut.laws, dimcut.laws.cli\n"
+        "print([m for m in ('transformers', 'matplotlib') if m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from dimcut import laws
-from dimcut.laws import max_sparsity, predict
+from dimcut.architectures import describe, sliced_width
+from dimcut.formats import stock_width
+from dimcut.laws import FitReport, max_sparsity, predict
 from dimcut.laws.fit import PERPLEXITY
-from laws_records import D, fit_of, law_records
+from dimcut.laws.predict import measured_width_multiple
+from laws_records import D, fit_of, law_records, sweep_records
 
 # -------------------------------------------------------------------------------- predictions
 
@@ -117,3 +122,85 @@ def test_prediction_errors(tmp_path):
     rising = fit_of(tmp_path / "rising", law_records("m", [0.1, 0.2, 0.3], a=0.5)).model("m")
     with pytest.raises(ValueError, match="slope a = .* ≥ 0"):
         max_sparsity(rising, PERPLEXITY, 10.0)
+
+
+# ------------------------------------------------------------------------------------ widths d
+
+# SmolLM2-135M: D = 576 and 9 attention heads. Its plain cuts are stock Llama configs, which need
+# hidden_size divisible by 9, so `dimcut slice --format plain` writes multiples of lcm(8, 9) = 72.
+SMOLLM2 = describe(
+    {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    }
+)
+SWEEP = [0.1, 0.2, 0.3, 0.4]  # sparsities a sweep sliced at
+
+
+def slice_width(fmt: str, sparsity: float, round_to: int) -> int:
+    """The width `dimcut slice --format fmt --sparsity s --round-to r` writes (as slice_model)."""
+    width = sliced_width(SMOLLM2.hidden_size, sparsity, round_to)
+    return stock_width(SMOLLM2, width, round_to) if fmt == "plain" else width
+
+
+def smollm2_fit(tmp_path, fmt: str, round_to: int):
+    widths = [slice_width(fmt, s, round_to) for s in SWEEP]
+    records = sweep_records("SmolLM2", widths, SMOLLM2.hidden_size)
+    return fit_of(tmp_path, records).model("SmolLM2")
+
+
+@pytest.mark.parametrize("fmt,round_to,multiple", [("plain", 8, 72), ("slicegpt", 16, 16)])
+def test_predicted_widths_are_the_widths_dimcut_slice_writes(tmp_path, fmt, round_to, multiple):
+    model = smollm2_fit(tmp_path, fmt, round_to)
+    assert measured_width_multiple(model) == multiple
+    for s in np.arange(0.02, 0.5, 0.01):
+        sparsity = float(s)
+        predictions = predict(model, sparsity, allow_extrapolation=True)
+        expected = slice_width(fmt, sparsity, round_to)
+        assert [p.hidden_size for p in predictions] == [expected, expected], sparsity
+        assert predictions[0].width_multiple == multiple
+
+
+def test_max_sparsity_gives_a_width_dimcut_slice_writes_within_the_budget(tmp_path):
+    model = smollm2_fit(tmp_path, "plain", 8)
+    D = SMOLLM2.hidden_size
+    without_width = laws.ModelFit(model.label, None, model.metrics)
+    for budget in (20.0, 40.0, 100.0):
+        solved = max_sparsity(without_width, PERPLEXITY, budget).sparsity
+        cut = max_sparsity(model, PERPLEXITY, budget)
+        assert cut.width_multiple == 72
+        assert (1 - solved) * D <= cut.hidden_size < (1 - solved) * D + 72
+        assert cut.sparsity == pytest.approx(1 - cut.hidden_size / D)
+        # Slicing at the reported sparsity cuts exactly the reported width.
+        assert slice_width("plain", cut.sparsity, 8) == cut.hidden_size
+        assert cut.value <= budget
+
+
+def test_the_width_multiple_survives_fit_json(tmp_path):
+    """fit.json keeps the points, so the multiple is inferred again from a saved fit, such as the
+    committed SmolLM2 sweeps (plain: widths 504, 432, 360, 288; slicegpt: multiples of 8)."""
+    report = FitReport.load(Path(__file__).parents[1] / "docs" / "results" / "fit.json")
+    plain, slicegpt = report.model("SmolLM2-plain"), report.model("SmolLM2-slicegpt")
+    assert (measured_width_multiple(plain), measured_width_multiple(slicegpt)) == (72, 8)
+    assert predict(plain, 0.3)[0].hidden_size == 360  # not 400: no plain SmolLM2 is 400 wide
+    assert predict(slicegpt, 0.3)[0].hidden_size == 400
+
+
+def test_without_whole_widths_the_multiple_is_the_slice_default(tmp_path):
+    # Round sparsities of D = 4096 are not whole widths: these records were not cut by dimcut.
+    model = fit_of(tmp_path, law_records("m", [0.1, 0.2, 0.3])).model("m")
+    assert measured_width_multiple(model) is None
+    (ppl, _) = predict(model, 0.25)
+    assert (ppl.hidden_size, ppl.width_multiple) == (3072, 8)
+    without_width = laws.ModelFit(model.label, None, model.metrics)
+    (ppl, _) = predict(without_width, 0.2, hidden_size=576)
+    assert (ppl.hidden_size, ppl.width_multiple) == (456, 8)  # floor(460.8) down to 8
+    assert predict(without_width, 0.2)[0].width_multiple is None

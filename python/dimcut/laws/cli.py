@@ -20,9 +20,9 @@ from dimcut.laws.plot import plot_fits
 from dimcut.laws.predict import (
     EXTRAPOLATION_MARGIN,
     PREDICTION_SCHEMA,
-    WIDTH_MULTIPLE,
     Prediction,
     max_sparsity,
+    measured_width_multiple,
     predict,
 )
 from dimcut.laws.records import load_records
@@ -184,7 +184,7 @@ def _prediction_text(model: ModelFit, predictions: list[Prediction], D: int | No
         if first.hidden_size is not None:
             lines.append(
                 f"hidden width d = {first.hidden_size} of D = {D}: rounded up to a multiple of "
-                f"{WIDTH_MULTIPLE} to stay within the budget"
+                f"{first.width_multiple} to stay within the budget"
             )
     else:
         lines.append(f"{X_AXIS} = {first.sparsity:.4f}")
@@ -192,8 +192,10 @@ def _prediction_text(model: ModelFit, predictions: list[Prediction], D: int | No
             lines.append(
                 f"hidden width d = {first.hidden_size} of D = {D} (effective sparsity "
                 f"{1 - first.hidden_size / D:.4f}): floor((1 − s)·D) rounded down to a multiple "
-                f"of {WIDTH_MULTIPLE}, as `dimcut slice` cuts"
+                f"of {first.width_multiple}, as `dimcut slice` cuts"
             )
+    if first.hidden_size is not None:
+        lines.append(_width_multiple_origin(model, first.width_multiple))
     if any(p.extrapolated for p in predictions):
         lines.append("note: beyond the fitted sparsity range; the flagged laws are extrapolated")
 
@@ -210,3 +212,15 @@ def _prediction_text(model: ModelFit, predictions: list[Prediction], D: int | No
         for p in predictions
     ]
     return "\n".join(lines) + "\n\n" + text_table(rows, left=4)
+
+
+def _width_multiple_origin(model: ModelFit, multiple: int) -> str:
+    if measured_width_multiple(model) is None:
+        return (
+            f"({multiple}: `dimcut slice`'s default --round-to, as the fit's points give no "
+            "sliced widths)"
+        )
+    return (
+        f"({multiple}: the gcd of the measured sliced widths, as the records do not say what "
+        "their cuts were rounded to)"
+    )

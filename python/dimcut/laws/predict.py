@@ -1,4 +1,15 @@
-"""Predictions from fitted laws: the metrics at a sparsity, or the largest sparsity in a budget."""
+"""Predictions from fitted laws: the metrics at a sparsity, or the largest sparsity in a budget.
+
+With D known, a prediction also gives the hidden width d. The width a sparsity s gives is the one
+`dimcut slice --sparsity s` writes: `sliced_width(D, s, m)`, floor((1 − s)·D) rounded down to a
+multiple m. The records do not say which m their cuts used (`--round-to`, and for the plain
+format also the step the stock config forces: SmolLM2's 9 heads make its plain widths multiples
+of 72), so m is inferred as the gcd of the measured sliced widths d = (1 − s)·D of the fit's
+points. That gcd is the true m unless all measured widths share a larger factor (sliced widths
+1536 and 1024 alone would give 512, not 8): sweep sparsities whose widths do not. When the points
+are not whole widths (records not cut by `dimcut slice`) or D is unknown, m is `dimcut slice`'s
+default --round-to.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +17,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from dimcut.architectures import sliced_width
 from dimcut.laws.fit import PERPLEXITY, MetricFit, ModelFit
 from dimcut.laws.stats import LineFit
 
 PREDICTION_SCHEMA = "dimcut.prediction/1"
+DEFAULT_ROUND_TO = 8  # `dimcut slice --round-to`'s default: m when the fit gives no widths
 # How far beyond the largest fitted sparsity predictions are still made (as a fraction of it).
 EXTRAPOLATION_MARGIN = 0.25
-WIDTH_MULTIPLE = 8  # sliced widths are multiples of 8, as `dimcut slice` makes them
 _BELOW_ONE = math.nextafter(1.0, 0.0)
 
 
@@ -32,6 +44,7 @@ class Prediction:
     hidden_size: int | None  # d, when D is known
     extrapolated: bool  # beyond the fitted range (but within the allowed margin)
     budget: float | None = None  # the budget of an inverse prediction
+    width_multiple: int | None = None  # the multiple d is rounded to, when D is known
 
     def to_dict(self) -> dict:
         def bound(v: float) -> float | None:
@@ -43,6 +56,7 @@ class Prediction:
             "measure": self.measure,
             "sparsity": self.sparsity,
             "hidden_size": self.hidden_size,
+            "width_multiple": self.width_multiple,
             "value": self.value,
             "interval": [bound(v) for v in self.interval],
             "confidence": self.confidence,
@@ -51,6 +65,23 @@ class Prediction:
             "extrapolated": self.extrapolated,
             "budget": self.budget,
         }
+
+
+def measured_width_multiple(model: ModelFit) -> int | None:
+    """The gcd of the sliced widths d = (1 − s)·D of the fit's points (the module docstring says
+    why); None when D is unknown or some point's width is not a whole number."""
+    D = model.hidden_size
+    if not D:
+        return None
+    widths = [(1 - s) * D for fit in model.metrics for s in fit.line.s if s > 0]
+    if not widths or any(abs(width - round(width)) > 1e-6 for width in widths):
+        return None
+    return math.gcd(*(round(width) for width in widths))
+
+
+def width_multiple(model: ModelFit) -> int:
+    """The multiple m that widths predicted for `model` are rounded to."""
+    return measured_width_multiple(model) or DEFAULT_ROUND_TO
 
 
 def predict(
@@ -65,24 +96,28 @@ def predict(
     """Predict each metric (default: all) at effective sparsity `sparsity`.
 
     `hidden_size` (D) overrides the one from the records; with D known the prediction also gives
-    d = floor((1 − s)·D) rounded down to a multiple of 8, the width `dimcut slice` would make.
+    d = `sliced_width(D, s, m)`, the width `dimcut slice --sparsity s` writes (m: the module
+    docstring).
     """
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
-    D = hidden_size or model.hidden_size
-    width = _round_down(math.floor((1 - sparsity) * D + 1e-9)) if D else None
     fits = [model.metric(name) for name in metrics] if metrics else list(model.metrics)
-    return [
+    predictions = [
         _predict_metric(
             model.label,
             fit,
             sparsity,
             confidence=confidence,
             allow_extrapolation=allow_extrapolation,
-            width=width,
         )
         for fit in fits
     ]
+    D = hidden_size or model.hidden_size
+    if not D:
+        return predictions
+    multiple = width_multiple(model)
+    width = sliced_width(D, sparsity, multiple)
+    return [replace(p, hidden_size=width, width_multiple=multiple) for p in predictions]
 
 
 def max_sparsity(
@@ -96,9 +131,10 @@ def max_sparsity(
 ) -> Prediction:
     """The largest sparsity whose predicted metric meets `budget` (max PPL or min accuracy).
 
-    Solves the fitted line for s and clips it below 1. With D known the width is rounded *up* to a
-    multiple of 8 so that the cut stays within the budget, and the prediction is made at that
-    width's effective sparsity 1 − d/D (≤ the solved s).
+    Solves the fitted line for s and clips it below 1. With D known the width is (1 − s)·D rounded
+    *up* to the multiple m of the module docstring, so that the cut stays within the budget, and
+    the prediction is made at that width's effective sparsity 1 − d/D (≤ the solved s): the
+    sparsity from which `sliced_width`, and so `dimcut slice`, cuts exactly d.
     """
     fit = model.metric(metric)
     if metric == PERPLEXITY and not budget > 1:
@@ -123,16 +159,18 @@ def max_sparsity(
     solved = min(solved, _BELOW_ONE)
     D = hidden_size or model.hidden_size
     if D:
-        width = min(D, max(WIDTH_MULTIPLE, _round_up(math.ceil((1 - solved) * D - 1e-9))))
+        multiple = width_multiple(model)
+        needed = math.ceil((1 - solved) * D - 1e-9)
+        width = min(D, max(multiple, -(-needed // multiple) * multiple))
         sparsity = 1 - width / D
     else:
-        width, sparsity = None, solved
+        multiple, width, sparsity = None, None, solved
     _check_range(fit.line, solved, allow_extrapolation)
     # The width's sparsity is at most the solved one, which passed the range check.
     prediction = _predict_metric(
-        model.label, fit, sparsity, confidence=confidence, allow_extrapolation=True, width=width
+        model.label, fit, sparsity, confidence=confidence, allow_extrapolation=True
     )
-    return replace(prediction, budget=budget)
+    return replace(prediction, budget=budget, hidden_size=width, width_multiple=multiple)
 
 
 def _predict_metric(
@@ -142,7 +180,6 @@ def _predict_metric(
     *,
     confidence: float,
     allow_extrapolation: bool,
-    width: int | None,
 ) -> Prediction:
     extrapolated = _check_range(fit.line, sparsity, allow_extrapolation)
     y, y_low, y_high = fit.line.prediction_interval(sparsity, confidence)
@@ -167,7 +204,7 @@ def _predict_metric(
         confidence=confidence,
         y=y,
         y_interval=(y_low, y_high),
-        hidden_size=width,
+        hidden_size=None,
         extrapolated=extrapolated,
     )
 
@@ -182,11 +219,3 @@ def _check_range(line: LineFit, sparsity: float, allow_extrapolation: bool) -> b
             "measured inside that range. Pass --allow-extrapolation to predict anyway"
         )
     return sparsity > line.s_max
-
-
-def _round_down(width: int) -> int:
-    return width - width % WIDTH_MULTIPLE
-
-
-def _round_up(width: int) -> int:
-    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
