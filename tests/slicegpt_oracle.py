@@ -1,4 +1,4 @@
-"""A compact in-memory SliceGPT in PyTorch (float64), written from docs/slicegpt.md §1–3.
+"""A compact in-memory SliceGPT in PyTorch (float64), written from docs/algorithm.md §1–3.
 
 It is the test oracle for dimcut's streamed calibration: it holds the whole model, rotates it
 in place and returns the rotations (embedding, then mid/out per layer) and the sliced model's

@@ -1,7 +1,7 @@
 """The slicing plan: norm fusion, rotations and widths turned into engine ops.
 
 Each output tensor is described by one op (docs/plan-format.md). Rotations are referred to by
-name; the arrays themselves travel beside the ops. The rules (docs: ../shared slicegpt.md §1, §3):
+name; the arrays themselves travel beside the ops. The rules (docs/algorithm.md §1, §2, §4):
 - linears fed by a norm get the norm's scale folded into their input columns, then `W ← W·Q`
   with the incoming rotation, keeping the first `width` columns;
 - linears writing into the residual get `W ← Qᵀ·W` (and their bias too), keeping `width` rows;
