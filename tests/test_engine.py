@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dimcut import DimcutError
-from dimcut.engine import TensorOp, inspect_checkpoint, rewrite_checkpoint, rewrite_tensors
+from dimcut.engine import (
+    TensorOp,
+    _engine_arrays,
+    inspect_checkpoint,
+    rewrite_checkpoint,
+    rewrite_tensors,
+)
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Error bound of one output rounding (half an ulp, doubled for f32 arithmetic noise).
@@ -547,3 +555,86 @@ def test_failing_progress_callback_leaves_nothing(workspace) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run(src, out, progress=explode)
+
+
+# --- rotations stored as read-only file maps ------------------------------------------------
+
+# Runs one rewrite in a fresh process and prints how much its peak RSS grew during the call.
+MAPPED_RUN = """
+import json, sys
+import numpy as np
+from dimcut.engine import TensorOp, rewrite_checkpoint, rewrite_tensors
+from dimcut.runtime import peak_rss_bytes
+
+src, out, mode, api, *paths = sys.argv[1:]
+mmap_mode = None if mode == "memory" else mode
+arrays = {f"q{i}": np.load(path, mmap_mode=mmap_mode) for i, path in enumerate(paths)}
+ops = [TensorOp(name=f"w{i}", source="w", in_rotation=f"q{i}") for i in range(len(paths))]
+before = peak_rss_bytes()
+if api == "checkpoint":
+    rewrite_checkpoint(src, out, ops, arrays, threads=2)
+else:
+    np.savez(out, **rewrite_tensors(src, ops, arrays, threads=2))
+print(json.dumps({"growth": peak_rss_bytes() - before}))
+"""
+
+
+@pytest.fixture(scope="module")
+def stored_rotations(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A checkpoint whose plan reads six 4096×2048 float64 rotations (64 MiB each) from .npy."""
+    root = tmp_path_factory.mktemp("stored_rotations")
+    generator = torch.Generator().manual_seed(0)
+    src = save_single(root / "src", {"w": torch.randn(16, 4096, generator=generator)})
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(root / f"q{i}.npy")
+        np.save(paths[-1], rng.standard_normal((4096, 2048)))
+    return src, paths
+
+
+def run_with_stored_rotations(src: Path, paths: list[Path], out: Path, mode: str, api: str) -> int:
+    command = [sys.executable, "-c", MAPPED_RUN, str(src), str(out), mode, api, *map(str, paths)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["growth"]
+
+
+@pytest.mark.parametrize("api", ["checkpoint", "tensors"])
+def test_read_only_mapped_rotations_are_released_after_use(
+    stored_rotations: tuple[Path, list[Path]], tmp_path: Path, api: str
+) -> None:
+    src, paths = stored_rotations
+    total = sum(path.stat().st_size for path in paths)
+    out = {mode: tmp_path / (mode if api == "checkpoint" else f"{mode}.npz") for mode in "rc"}
+    out["memory"] = tmp_path / ("memory" if api == "checkpoint" else "memory.npz")
+    growth = {mode: run_with_stored_rotations(src, paths, out[mode], mode, api) for mode in out}
+    # Read-only maps: about one rotation (plus its converted copy) is resident at a time.
+    assert growth["r"] < total / 3, (growth, total)
+    # Copy-on-write maps may hold private pages, so they are never released: every page read
+    # stays resident (this is what the read-only run would do without the release).
+    assert growth["c"] > 0.9 * total, (growth, total)
+    if api == "checkpoint":
+        assert tree_hash(out["r"]) == tree_hash(out["c"]) == tree_hash(out["memory"])
+    else:
+        results = {mode: dict(np.load(path)) for mode, path in out.items()}
+        for name, expected in results["memory"].items():
+            assert np.array_equal(results["r"][name], expected)
+            assert np.array_equal(results["c"][name], expected)
+
+
+def test_only_unconverted_read_only_maps_count_as_mapped(tmp_path: Path) -> None:
+    path = tmp_path / "q.npy"
+    np.save(path, np.arange(12.0).reshape(3, 4))
+    arrays = {
+        "read_only": np.load(path, mmap_mode="r"),
+        "copy_on_write": np.load(path, mmap_mode="c"),
+        "writable": np.load(path, mmap_mode="r+"),
+        "in_memory": np.load(path),
+        "strided": np.load(path, mmap_mode="r")[:, ::2],
+        "converted": np.load(path, mmap_mode="r").astype(np.float32),
+        "cast": np.load(path, mmap_mode="r")[:, :2].view(np.int64),
+    }
+    converted, mapped = _engine_arrays(arrays)
+    assert mapped == ["read_only"]
+    assert np.shares_memory(converted["read_only"], arrays["read_only"])

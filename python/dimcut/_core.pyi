@@ -21,6 +21,7 @@ def rewrite_checkpoint(
     overwrite: bool = False,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    mapped: list[str] = [],
 ) -> dict[str, Any]: ...
 def rewrite_tensors(
     src_dir: str,
@@ -30,5 +31,6 @@ def rewrite_tensors(
     precision: str = "f32",
     memory_budget: int = ...,
     threads: int | None = None,
+    mapped: list[str] = [],
 ) -> dict[str, np.ndarray]: ...
 def inspect_checkpoint(src_dir: str) -> dict[str, tuple[str, list[int], str]]: ...

@@ -80,6 +80,7 @@ def rewrite_checkpoint(
         name: data.encode() if isinstance(data, str) else bytes(data)
         for name, data in (extra_files or {}).items()
     }
+    engine_arrays, mapped = _engine_arrays(arrays)
     with _progress_callback(progress, f"writing {os.fspath(out_dir)}") as callback:
         if os.environ.get(_hooks.ENV):
             callback = _hooked(callback)
@@ -87,7 +88,7 @@ def rewrite_checkpoint(
             os.fspath(src_dir),
             os.fspath(out_dir),
             _op_dicts(ops),
-            _engine_arrays(arrays),
+            engine_arrays,
             extra_files=extra,
             max_shard_size=max_shard_size,
             memory_budget=memory_budget,
@@ -95,6 +96,7 @@ def rewrite_checkpoint(
             overwrite=overwrite,
             threads=threads,
             progress=callback,
+            mapped=mapped,
         )
     return RewriteStats(**stats)
 
@@ -110,13 +112,15 @@ def rewrite_tensors(
 ) -> dict[str, np.ndarray]:
     """Compute the ops' tensors in memory (float32, or float64 with precision="f64"); values
     are rounded to each op's output dtype, exactly as `rewrite_checkpoint` would write them."""
+    engine_arrays, mapped = _engine_arrays(arrays)
     return _core.rewrite_tensors(
         os.fspath(src_dir),
         _op_dicts(ops),
-        _engine_arrays(arrays),
+        engine_arrays,
         precision=precision,
         memory_budget=memory_budget,
         threads=threads,
+        mapped=mapped,
     )
 
 
@@ -138,14 +142,32 @@ def _op_dicts(ops: Sequence[Op]) -> list[dict[str, Any]]:
     return [op.to_dict() if isinstance(op, TensorOp) else dict(op) for op in ops]
 
 
-def _engine_arrays(arrays: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    """C-contiguous float32/float64 arrays (no copy when they already are)."""
-    converted = {}
+def _engine_arrays(
+    arrays: Mapping[str, np.ndarray] | None,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """C-contiguous float32/float64 arrays (no copy when they already are), and the names of
+    those that are still views of a read-only file map: the engine drops their pages after
+    each op, so rotations opened as `mmap_mode="r"` memmaps never pile up in resident memory."""
+    converted, mapped = {}, []
     for name, array in (arrays or {}).items():
+        # Decided on the caller's object: conversion may return a plain ndarray view of it.
+        file_map = _is_read_only_file_map(array)
         array = np.asarray(array)
         dtype = array.dtype if array.dtype in (np.float32, np.float64) else np.float64
         converted[name] = np.ascontiguousarray(array, dtype=dtype)
-    return converted
+        if file_map and np.shares_memory(converted[name], array):
+            mapped.append(name)
+    return converted, mapped
+
+
+def _is_read_only_file_map(array: object) -> bool:
+    """A view of a `mmap_mode="r"` memmap (a read-only shared file mapping): the only memory
+    whose pages may be dropped; anonymous or copy-on-write memory would lose its contents."""
+    return (
+        isinstance(array, np.memmap)
+        and array.mode == "r"
+        and getattr(array, "_mmap", None) is not None
+    )
 
 
 class _progress_callback:

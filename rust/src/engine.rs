@@ -396,14 +396,17 @@ impl<'a, 'p> Executor<'a, 'p> {
         sink: &mut Sink<'_>,
     ) -> Result<()> {
         match array.data {
-            ArrayData::F32(values) => self.encode_chunks(values, dtype, sink),
-            ArrayData::F64(values) => self.encode_chunks(values, dtype, sink),
+            ArrayData::F32(values) => self.encode_chunks(values, Some(array), dtype, sink),
+            ArrayData::F64(values) => self.encode_chunks(values, Some(array), dtype, sink),
         }
     }
 
+    /// Encodes `values` chunk by chunk; the pages of each chunk of `array` (the values' owner,
+    /// when they are a caller's array) are released once encoded.
     fn encode_chunks<R: Real>(
         &mut self,
         values: &[R],
+        array: Option<&ArrayRef<'_>>,
         dtype: FloatDtype,
         sink: &mut Sink<'_>,
     ) -> Result<()> {
@@ -414,6 +417,9 @@ impl<'a, 'p> Executor<'a, 'p> {
             timed(&mut self.stats.convert_seconds, || {
                 encode_into(&values[range.clone()], dtype, out)
             });
+            if let Some(array) = array {
+                array.release_elements(range.clone());
+            }
             self.emit(sink, range.start * dtype.size(), out)?;
         }
         Ok(())
@@ -429,6 +435,8 @@ impl<'a, 'p> Executor<'a, 'p> {
         let rows = a.shape[0];
         let qa = a.leading_columns::<R>(shortcut.keep_a);
         let qb = b.leading_columns::<R>(shortcut.keep_b);
+        a.release();
+        b.release();
         let mut product = vec![R::default(); shortcut.keep_a * shortcut.keep_b];
         self.stats.flops += timed(&mut self.stats.matmul_seconds, || {
             matmul(
@@ -438,7 +446,7 @@ impl<'a, 'p> Executor<'a, 'p> {
                 MatRef::row_major(&qb, rows, shortcut.keep_b),
             )
         });
-        self.encode_chunks(&product, op.float_dtype(), sink)
+        self.encode_chunks(&product, None, op.float_dtype(), sink)
     }
 
     fn transform<R: Real>(
@@ -451,9 +459,14 @@ impl<'a, 'p> Executor<'a, 'p> {
             let dtype = FloatDtype::from_safetensors(entry.dtype).expect("validated float");
             decode_vec::<R>(dtype, self.checkpoint.bytes(entry))
         });
-        // Q[:, :keep], converted once per op.
+        // Q[:, :keep], converted once per op; the caller's Q is not read again by this op.
         let rotation = |side: &Side| match side {
-            Side::Rotate { array, keep } => Some(self.arrays[array].leading_columns::<R>(*keep)),
+            Side::Rotate { array, keep } => {
+                let array = &self.arrays[array];
+                let kept = array.leading_columns::<R>(*keep);
+                array.release();
+                Some(kept)
+            }
             _ => None,
         };
         let (in_rotation, out_rotation) = (rotation(&t.input), rotation(&t.output));
@@ -665,7 +678,7 @@ struct Tiles<'t, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Shortcut;
+    use crate::plan::{Backing, Shortcut};
     use safetensors::tensor::TensorView;
     use std::collections::HashMap;
 
@@ -747,6 +760,7 @@ mod tests {
                 ArrayRef {
                     data: ArrayData::F64(&q_in),
                     shape: vec![cols, cols],
+                    backing: Backing::Memory,
                 },
             ),
             (
@@ -754,6 +768,7 @@ mod tests {
                 ArrayRef {
                     data: ArrayData::F64(&q_out),
                     shape: vec![rows, rows],
+                    backing: Backing::Memory,
                 },
             ),
         ]);
@@ -853,6 +868,85 @@ mod tests {
             assert_close(&outputs[4].values, &expected_slice, 0.0);
             assert_close(&outputs[5].values, &expected_shortcut, 1e-9);
         }
+    }
+
+    #[test]
+    fn released_file_mapped_arrays_give_the_same_results_and_stay_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rows, cols) = (700, 600);
+        write_checkpoint(
+            dir.path(),
+            &[("w", vec![rows, cols], values(1, rows * cols))],
+        );
+        // Rotations of several pages each, stored in a file and mapped read-only.
+        let q_in = to_f64(&values(2, cols * cols));
+        let q_out = to_f64(&values(3, rows * rows));
+        let path = dir.path().join("rotations.bin");
+        let stored: Vec<u8> = q_in
+            .iter()
+            .chain(&q_out)
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        std::fs::write(&path, &stored).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: the test's own file, never written while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let mapped: &[f64] = bytemuck::cast_slice(&map[..]);
+        let arrays = |q_in, q_out, backing| -> Arrays<'_> {
+            HashMap::from([
+                (
+                    "qi".to_string(),
+                    ArrayRef {
+                        data: ArrayData::F64(q_in),
+                        shape: vec![cols, cols],
+                        backing,
+                    },
+                ),
+                (
+                    "qo".to_string(),
+                    ArrayRef {
+                        data: ArrayData::F64(q_out),
+                        shape: vec![rows, rows],
+                        backing,
+                    },
+                ),
+            ])
+        };
+        let ops = vec![
+            TensorOp {
+                name: "both".into(),
+                source: Some("w".into()),
+                in_rotation: Some("qi".into()),
+                out_rotation: Some("qo".into()),
+                out_keep: Some(300),
+                ..Default::default()
+            },
+            TensorOp {
+                name: "shortcut".into(),
+                shortcut: Some(Shortcut {
+                    a: "qo".into(),
+                    b: "qo".into(),
+                    keep_a: 5,
+                    keep_b: 9,
+                }),
+                ..Default::default()
+            },
+            TensorOp {
+                name: "literal".into(),
+                literal: Some("qi".into()),
+                ..Default::default()
+            },
+        ];
+        let run = |arrays: &Arrays<'_>| {
+            rewrite_tensors(dir.path(), &ops, arrays, Precision::F64, 1 << 20, Some(2)).unwrap()
+        };
+        let expected = run(&arrays(&q_in, &q_out, Backing::Memory));
+        let (in_file, out_file) = mapped.split_at(cols * cols);
+        let file_arrays = arrays(in_file, out_file, Backing::ReadOnlyFileMap);
+        // Twice: pages dropped by the first run read back unchanged in the second.
+        assert_eq!(run(&file_arrays), expected);
+        assert_eq!(run(&file_arrays), expected);
+        assert_eq!(&map[..], &stored[..]);
     }
 
     #[test]

@@ -20,4 +20,4 @@ pub use engine::{
 };
 pub use error::{DimcutError, Result};
 pub use kernels::FloatDtype;
-pub use plan::{ArrayData, ArrayRef, Arrays, Shortcut, TensorOp};
+pub use plan::{ArrayData, ArrayRef, Arrays, Backing, Shortcut, TensorOp};

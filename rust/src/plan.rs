@@ -7,6 +7,7 @@ use crate::kernels::{FloatDtype, Real};
 use rayon::prelude::*;
 use safetensors::Dtype;
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 /// `(Q_aᵀ Q_b)[:keep_a, :keep_b]`, a residual shortcut between two rotations.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,11 +40,23 @@ pub enum ArrayData<'a> {
     F64(&'a [f64]),
 }
 
+/// What memory an array's values live in; it decides whether the engine may drop its pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backing {
+    /// Ordinary (anonymous) memory: never released, dropping its pages would zero it.
+    #[default]
+    Memory,
+    /// A read-only shared mapping of a file (numpy `mmap_mode="r"`): its pages can be dropped
+    /// after use and are re-read unchanged from the file if touched again.
+    ReadOnlyFileMap,
+}
+
 /// A borrowed row-major array with its shape.
 #[derive(Clone, Debug)]
 pub struct ArrayRef<'a> {
     pub data: ArrayData<'a>,
     pub shape: Vec<usize>,
+    pub backing: Backing,
 }
 
 pub type Arrays<'a> = HashMap<String, ArrayRef<'a>>;
@@ -53,6 +66,34 @@ impl ArrayRef<'_> {
         match self.data {
             ArrayData::F32(_) => FloatDtype::F32,
             ArrayData::F64(_) => FloatDtype::F64,
+        }
+    }
+
+    /// Drops this array's resident pages when it is a read-only file map (a no-op otherwise),
+    /// so rotations stored as `.npy` files do not pile up in resident memory op after op.
+    pub fn release(&self) {
+        self.release_elements(0..self.len());
+    }
+
+    /// `release` for the values of `elements` only (a literal written chunk by chunk).
+    pub fn release_elements(&self, elements: Range<usize>) {
+        if self.backing != Backing::ReadOnlyFileMap {
+            return;
+        }
+        let (start, element_size) = match self.data {
+            ArrayData::F32(values) => (values.as_ptr() as usize, size_of::<f32>()),
+            ArrayData::F64(values) => (values.as_ptr() as usize, size_of::<f64>()),
+        };
+        let bytes = start + elements.start * element_size..start + elements.end * element_size;
+        // SAFETY: `Backing::ReadOnlyFileMap` promises the values are a read-only shared
+        // mapping of a file, whose dropped pages read back unchanged from the file.
+        unsafe { drop_file_pages(bytes) };
+    }
+
+    fn len(&self) -> usize {
+        match self.data {
+            ArrayData::F32(values) => values.len(),
+            ArrayData::F64(values) => values.len(),
         }
     }
 
@@ -82,6 +123,32 @@ impl ArrayRef<'_> {
         });
         out
     }
+}
+
+/// Advises the kernel to drop the whole pages inside `bytes` (an address range) from this
+/// process. Best effort: an error (or another OS) only leaves the pages resident.
+///
+/// # Safety
+/// `bytes` must lie in a read-only `MAP_SHARED` mapping of a file. On anonymous or private
+/// memory `MADV_DONTNEED` discards the contents (later reads see zeros).
+unsafe fn drop_file_pages(bytes: Range<usize>) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            size if size > 0 => size as usize,
+            _ => return,
+        };
+        // Only pages wholly inside the range: neighbours may hold other data.
+        let start = bytes.start.div_ceil(page) * page;
+        let end = bytes.end / page * page;
+        if end > start {
+            // SAFETY: page-aligned and inside the caller's read-only file mapping (see above).
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
 }
 
 /// What happens on one side (input columns or output rows) of a matrix.

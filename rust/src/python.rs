@@ -3,7 +3,7 @@
 
 use crate::engine::{self, Options, Precision, Stats, TensorValues};
 use crate::error::DimcutError as EngineError;
-use crate::plan::{ArrayData, ArrayRef, Arrays, Shortcut, TensorOp};
+use crate::plan::{ArrayData, ArrayRef, Arrays, Backing, Shortcut, TensorOp};
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileExistsError, PyFileNotFoundError, PyValueError};
@@ -243,32 +243,49 @@ impl<'py> BorrowedArrays<'py> {
         Ok(borrowed)
     }
 
-    fn views(&self) -> PyResult<Arrays<'_>> {
+    /// Views of the arrays; those named in `mapped` are read-only shared file maps (the
+    /// caller's promise), whose pages the engine drops after use.
+    fn views(&self, mapped: &[String]) -> PyResult<Arrays<'_>> {
         fn not_contiguous(name: &str) -> PyErr {
             PyValueError::new_err(format!("array {name:?} must be C-contiguous"))
         }
+        let backing = |name: &str| match mapped.iter().any(|m| m == name) {
+            true => Backing::ReadOnlyFileMap,
+            false => Backing::Memory,
+        };
         let mut views = Arrays::new();
         for (name, array) in &self.f32 {
             let data = array.as_slice().map_err(|_| not_contiguous(name))?;
             let shape = array.shape().to_vec();
+            let data = ArrayData::F32(data);
+            let backing = backing(name);
             views.insert(
                 name.clone(),
                 ArrayRef {
-                    data: ArrayData::F32(data),
+                    data,
                     shape,
+                    backing,
                 },
             );
         }
         for (name, array) in &self.f64 {
             let data = array.as_slice().map_err(|_| not_contiguous(name))?;
             let shape = array.shape().to_vec();
+            let data = ArrayData::F64(data);
+            let backing = backing(name);
             views.insert(
                 name.clone(),
                 ArrayRef {
-                    data: ArrayData::F64(data),
+                    data,
                     shape,
+                    backing,
                 },
             );
+        }
+        if let Some(name) = mapped.iter().find(|name| !views.contains_key(*name)) {
+            return Err(PyValueError::new_err(format!(
+                "mapped names {name:?}, which is not in arrays"
+            )));
         }
         Ok(views)
     }
@@ -289,12 +306,14 @@ fn stats_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py, PyDict
     Ok(dict)
 }
 
-/// Writes the checkpoint a plan describes; see docs/plan-format.md.
+/// Writes the checkpoint a plan describes; see docs/plan-format.md. `mapped` names arrays that
+/// are views of read-only shared file maps (numpy `mmap_mode="r"`): their pages are dropped
+/// after each op that reads them. Never name anonymous memory there: dropping zeroes it.
 #[pyfunction]
 #[pyo3(signature = (
     src_dir, out_dir, ops, arrays, *, extra_files = None, max_shard_size = 5 << 30,
     memory_budget = 512 << 20, precision = "f32", overwrite = false, threads = None,
-    progress = None,
+    progress = None, mapped = Vec::new(),
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rewrite_checkpoint<'py>(
@@ -310,10 +329,11 @@ fn rewrite_checkpoint<'py>(
     overwrite: bool,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
+    mapped: Vec<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let ops = parse_ops(ops)?;
     let borrowed = BorrowedArrays::new(arrays)?;
-    let arrays = borrowed.views()?;
+    let arrays = borrowed.views(&mapped)?;
     let extra_files: Vec<_> = extra_files.unwrap_or_default().into_iter().collect();
     let options = Options {
         max_shard_size,
@@ -358,8 +378,13 @@ fn rewrite_checkpoint<'py>(
 }
 
 /// Computes a plan's tensors in memory: name → float32 array (float64 with precision="f64").
+/// `mapped` is as for `rewrite_checkpoint`.
 #[pyfunction]
-#[pyo3(signature = (src_dir, ops, arrays, *, precision = "f32", memory_budget = 512 << 20, threads = None))]
+#[pyo3(signature = (
+    src_dir, ops, arrays, *, precision = "f32", memory_budget = 512 << 20, threads = None,
+    mapped = Vec::new(),
+))]
+#[allow(clippy::too_many_arguments)]
 fn rewrite_tensors<'py>(
     py: Python<'py>,
     src_dir: PathBuf,
@@ -368,10 +393,11 @@ fn rewrite_tensors<'py>(
     precision: &str,
     memory_budget: usize,
     threads: Option<usize>,
+    mapped: Vec<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let ops = parse_ops(ops)?;
     let borrowed = BorrowedArrays::new(arrays)?;
-    let arrays = borrowed.views()?;
+    let arrays = borrowed.views(&mapped)?;
     let precision = precision.parse::<Precision>().map_err(to_py_err)?;
     let outputs = run_interruptible(py, |_signals| {
         engine::rewrite_tensors(&src_dir, &ops, &arrays, precision, memory_budget, threads)

@@ -9,7 +9,7 @@
 //! ```
 
 use dimcut::checkpoint::{parse_header, parse_index, MAX_HEADER_BYTES};
-use dimcut::{rewrite_checkpoint, rewrite_tensors, ArrayData, ArrayRef, Arrays, Options};
+use dimcut::{rewrite_checkpoint, rewrite_tensors, ArrayData, ArrayRef, Arrays, Backing, Options};
 use dimcut::{FloatDtype, Precision, Shortcut, TensorOp};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
@@ -422,7 +422,7 @@ proptest! {
                     Ok(v) => ArrayData::F32(v),
                     Err(v) => ArrayData::F64(v),
                 };
-                (name.to_string(), ArrayRef { data, shape: array.shape.clone() })
+                (name.to_string(), ArrayRef { data, shape: array.shape.clone(), backing: Backing::Memory })
             })
             .collect();
         let precision = if f64_precision { Precision::F64 } else { Precision::F32 };
