@@ -5,9 +5,14 @@ A benchmark, not a timed test: nothing here asserts a speed or a memory figure.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import dimcut
 from dimcut.bench import PRESETS
 from dimcut.cli import main
 
@@ -60,3 +65,87 @@ def test_bench_tiny_preset_reports_every_field(tmp_path, capsys):
     # Outputs are removed unless --keep; the reusable checkpoint stays in --workdir.
     assert not (tmp_path / "w" / "out-engine").exists()
     assert (tmp_path / "w" / "src" / "config.json").is_file()
+
+
+E2E_PHASES = {"read", "embed", "forward", "project", "covariance", "eigh", "activations", "total"}
+
+
+def test_bench_e2e_tiny_slices_verifies_and_times_every_phase(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    argv = ["bench", "--suite", "e2e", "--preset", "tiny", "--nsamples", "2", "--seqlen", "32"]
+    code = main([*argv, "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    assert "| 2 | slice |" in table and "| 2 | forward |" in table
+    assert "dimcut verify PASSED" in table
+
+    assert report["suite"] == "e2e" and report["tokens"] == 2 * 32
+    (run,) = report["runs"]
+    assert run["layers"] == PRESETS["tiny"].layers and run["verify"]["passed"]
+    checks = {check["name"] for check in run["verify"]["checks"]}
+    assert checks == {"headers", "manifest", "shapes", "layer"}
+    sliced, forward = run["contenders"]["slice"], run["contenders"]["forward"]
+    assert E2E_PHASES | {"rewrite", "tokens", "tokens_per_second"} <= set(sliced["phases"])
+    assert E2E_PHASES <= set(forward["phases"])
+    assert sliced["hidden_size"] == PRESETS["tiny"].kept
+    for row in (sliced, forward):
+        assert row["tokens"] == 64 and row["tokens_per_s"] > 0 and row["peak_rss_gib"] > 0
+        assert row["phases"]["forward"] > 0 and row["phases"]["total"] > row["phases"]["forward"]
+    # Calibration computes covariances and eigendecompositions; the plain forward does not.
+    assert sliced["phases"]["eigh"] > 0 and forward["phases"]["eigh"] == 0
+    assert sliced["phases"]["rewrite"] > 0
+    assert math.isclose(run["tokens_per_s_ratio"], sliced["tokens_per_s"] / forward["tokens_per_s"])
+    phases = sliced["phases"]
+    fixed = phases["eigh"] + phases["read"]
+    expected = fixed + (phases["total"] - fixed) * report["reference_tokens"] / 64
+    assert math.isclose(run["projected_calibration_seconds"], expected)
+    # The output is removed unless --keep; the checkpoint and its tokenizer stay for reuse.
+    checkpoint = tmp_path / "w" / "llama-d64-l2-v256"
+    assert (checkpoint / "tokenizer.json").is_file()
+    assert not checkpoint.with_name(checkpoint.name + "-sliced").exists()
+
+
+def test_bench_tokenizer_ids_fit_the_vocabulary(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dimcut.bench.checkpoints import write_tokenizer
+    from dimcut.calibration import calibration_documents
+
+    token_ids = write_tokenizer(tmp_path, 256)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    documents, _ = calibration_documents(None)
+    ids = tokenizer("\n\n".join(documents[:50]))["input_ids"]
+    assert ids[0] == token_ids["bos_token_id"] and max(ids) < 256 and len(ids) > 1000
+
+
+def test_slicing_suite_refuses_several_layer_counts(tmp_path, capsys):
+    code = main(["bench", "--layers", "2,4", "--workdir", str(tmp_path), "--json", "x.json"])
+    assert code == 1 and "--layers" in capsys.readouterr().err
+    assert not (tmp_path / "src").exists()
+
+
+def test_runtime_modules_never_import_the_bench():
+    """`dimcut.bench` is a harness: only the CLI's command table names it (as a string)."""
+    package = Path(dimcut.__file__).parent
+    for path in package.rglob("*.py"):
+        if "bench" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("dimcut.bench") for n in names), path
+
+
+def test_importing_the_bench_does_not_import_torch():
+    """Worker processes import their suite module: the engine's must not load torch."""
+    code = "import sys, dimcut.bench.slicing; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code], check=False, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -1,0 +1,105 @@
+"""`dimcut bench`: the command line of the benchmark suites."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dimcut.bench.calibration import run_calibration
+from dimcut.bench.checkpoints import PRESETS
+from dimcut.bench.e2e import run_e2e
+from dimcut.bench.report import format_table, passed, write_json
+from dimcut.bench.slicing import CONTENDERS as SLICING_CONTENDERS
+from dimcut.bench.slicing import run_slicing
+
+JSON_DEFAULT = Path("bench-out/bench.json")
+DESCRIPTION = (
+    "Benchmark dimcut: `slicing` (the engine against a PyTorch baseline and the GEMM limit), "
+    "`calibration` (calibrate against a transformers forward on a real checkpoint), `e2e` "
+    "(slice_model on a synthetic checkpoint of a real shape against the same streamed forward "
+    "without PCA). Each contender runs in its own process; peak RSS is its own."
+)
+
+
+def layer_counts(value: str) -> list[int]:
+    try:
+        counts = [int(part) for part in value.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer counts like 2 or 2,32, got {value!r}")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"layer counts must be ≥ 1, got {value!r}")
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--suite",
+        choices=("slicing", "calibration", "e2e"),
+        default="slicing",
+        help="what to measure",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="8b", help="model shape")
+    parser.add_argument(
+        "--layers",
+        type=layer_counts,
+        help="decoder layers (default: the preset's); e2e takes a list, e.g. 2,32, one run each",
+    )
+    parser.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's)")
+    parser.add_argument(
+        "--contenders", default=",".join(SLICING_CONTENDERS), help="comma list (slicing suite)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per contender (median)")
+    parser.add_argument(
+        "--memory-budget",
+        type=int,
+        help="bytes: the engine's (slicing suite, default 512 MiB) or slice_model's (e2e, "
+        "default dimcut's)",
+    )
+    parser.add_argument("--shard-size", type=int, default=5 * 10**9, help="bytes per shard")
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: all)")
+    parser.add_argument("--gemm-repeat", type=int, default=2, help="best of N per GEMM shape")
+    parser.add_argument("--no-baseline-fsync", action="store_true", help="the baseline skips fsync")
+    parser.add_argument("--no-check", action="store_true", help="skip the output comparison")
+    parser.add_argument("--workdir", help="build/reuse the checkpoints here (default: temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep outputs and temp files")
+    parser.add_argument("--json", type=Path, default=JSON_DEFAULT, help="write results here")
+    parser.add_argument("--quiet", action="store_true", help="print only the table")
+    calib = parser.add_argument_group("calibration and e2e suites")
+    calib.add_argument(
+        "--model-dir",
+        default="~/.cache/dimcut/SmolLM2-135M-Instruct",
+        help="dense checkpoint (calibration suite)",
+    )
+    calib.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    calib.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence")
+    calib.add_argument("--width", type=int, default=432, help="sliced width (calibration suite)")
+
+
+def run(args: argparse.Namespace) -> int:
+    say = print if not args.quiet else (lambda *a, **k: None)
+    if args.suite == "calibration":
+        report = run_calibration(args)
+    elif args.suite == "e2e":
+        report = run_e2e(args, say)
+    else:
+        report = run_slicing(args, say)
+    print(format_table(report))
+    write_json(report, args.json)
+    print(f"wrote {args.json}")
+    return 0 if passed(report) else 1
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark slicing and calibration against baselines",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dimcut-bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,227 @@
+"""The `e2e` suite: the real `dimcut.slice_model` on a synthetic checkpoint of a real model's
+shape (with a tokenizer, so that calibration runs), beside the dense forward of the same tokens
+streamed the same way (`dimcut.calibration.streamed_forward`, no PCA).
+
+Per layer count (`--layers 2,32` runs two: memory should not grow with the layers), each in a
+fresh subprocess so that its peak RSS (VmHWM) is its own:
+
+- `slice`:   `slice_model(checkpoint, 0.25, out, nsamples, seqlen)` with the default memory
+             budget; its per-phase timings, wall time and peak RSS; then `dimcut verify` of the
+             output (in another process, outside the slice's peak);
+- `forward`: `streamed_forward(checkpoint, nsamples, seqlen)`; its per-phase timings.
+
+Calibration's cost is projected to SliceGPT's 128×2048 tokens from a shorter run: eigh and the
+weight reads do not depend on the token count, every other phase scales linearly with it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dimcut.bench.checkpoints import KEEP_FRACTION, PRESETS, Shape, ensure_checkpoint
+from dimcut.bench.workers import machine, run_worker, set_torch_threads
+from dimcut.runtime import DEFAULT_MEMORY_BUDGET, peak_rss_bytes
+
+SPARSITY = 1 - KEEP_FRACTION
+# SliceGPT's calibration: 128 sequences of 2048 tokens.
+REFERENCE_TOKENS = 128 * 2048
+# Phases that do not grow with the token count (one eigh per PCA signal, one read per block).
+FIXED_PHASES = ("eigh", "read")
+PHASES = ("read", "embed", "forward", "project", "covariance", "eigh", "activations")
+
+
+def import_tokenizers() -> None:
+    """Import transformers' tokenizer classes before the clock starts: `dimcut.slicing` imports
+    them, `streamed_forward` only on first use (≈ 8 s here), and imports are not what the two
+    wall times compare."""
+    from transformers import AutoTokenizer  # noqa: F401
+
+
+def worker_slice(workdir: Path, params: dict) -> dict:
+    from dimcut.slicing import slice_model
+
+    set_torch_threads(params)
+    import_tokenizers()
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    result = slice_model(
+        params["checkpoint"],
+        params["sparsity"],
+        params["output"],
+        nsamples=params["nsamples"],
+        seqlen=params["seqlen"],
+        calib=None,
+        memory_budget=params["memory_budget"],
+        progress=False,
+    )
+    return {
+        "seconds": time.perf_counter() - start,
+        "rss_before": rss_before,
+        "timings": result.timings,
+        "hidden_size": result.hidden_size,
+    }
+
+
+def worker_forward(workdir: Path, params: dict) -> dict:
+    from dimcut.calibration import streamed_forward
+
+    set_torch_threads(params)
+    import_tokenizers()
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    timings = streamed_forward(
+        params["checkpoint"],
+        nsamples=params["nsamples"],
+        seqlen=params["seqlen"],
+        source=None,
+        memory_budget=params["memory_budget"],
+        progress=False,
+    )
+    return {
+        "seconds": time.perf_counter() - start,
+        "rss_before": rss_before,
+        "timings": timings.as_dict(),
+    }
+
+
+def worker_verify(workdir: Path, params: dict) -> dict:
+    from dimcut.verify import verify
+
+    report = verify(params["output"])
+    return {"passed": report.ok, "checks": [asdict(check) for check in report.checks]}
+
+
+CONTENDERS = {"slice": worker_slice, "forward": worker_forward}
+
+
+def project(timings: dict, tokens: int) -> float:
+    """Seconds of the same run at REFERENCE_TOKENS: fixed + (total − fixed) × T_ref / T."""
+    fixed = sum(timings[phase] for phase in FIXED_PHASES)
+    return fixed + (timings["total"] - fixed) * REFERENCE_TOKENS / tokens
+
+
+def contender_row(result: dict) -> dict:
+    timings = result["timings"]
+    return {
+        "seconds": result["seconds"],
+        "phases": timings,
+        "tokens": timings["tokens"],
+        "tokens_per_s": timings["tokens_per_second"],
+        "projected_seconds": project(timings, timings["tokens"]),
+        "peak_rss_gib": result["peak_rss"] / 2**30,
+        "rss_before_gib": result["rss_before"] / 2**30,
+    }
+
+
+def disk_needed(workdir: Path, shapes: list[Shape], tokens: int) -> int:
+    """Checkpoints not built yet, one output, and two spilled activation stores (an upper
+    bound: the memory budget keeps part of them in RAM)."""
+    unbuilt = sum(s.checkpoint_bytes() for s in shapes if not checkpoint_dir(workdir, s).is_dir())
+    largest = max(s.checkpoint_bytes() for s in shapes)
+    return unbuilt + largest + 2 * tokens * shapes[0].hidden * 4
+
+
+def checkpoint_dir(workdir: Path, shape: Shape) -> Path:
+    return workdir / f"llama-d{shape.hidden}-l{shape.layers}-v{shape.vocab}"
+
+
+def run_e2e(args, say=print) -> dict:
+    preset = PRESETS[args.preset]
+    layer_counts = args.layers or [preset.layers]
+    shapes = [preset.with_overrides(layers=count, vocab=args.vocab) for count in layer_counts]
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dimcut-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokens = args.nsamples * args.seqlen
+    free, need = shutil.disk_usage(workdir).free, disk_needed(workdir, shapes, tokens)
+    if free < need:
+        raise ValueError(
+            f"{workdir}: {free / 1e9:.1f} GB free, the run needs ≈ {need / 1e9:.1f} GB"
+        )
+    memory_budget = args.memory_budget or DEFAULT_MEMORY_BUDGET
+    report: dict = {
+        "suite": "e2e",
+        "preset": args.preset,
+        "shape": asdict(preset.with_overrides(vocab=args.vocab)),
+        "sparsity": SPARSITY,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "tokens": tokens,
+        "reference_tokens": REFERENCE_TOKENS,
+        "projection": (
+            "seconds(T) = eigh + read + (total - eigh - read) * T / tokens "
+            "(eigh and weight reads do not depend on the token count)"
+        ),
+        "memory_budget": memory_budget,
+        "threads": args.threads,
+        "machine": machine(),
+        "runs": [],
+    }
+    try:
+        for shape in shapes:
+            report["runs"].append(run_layers(workdir, shape, memory_budget, args, say))
+    finally:
+        if not args.workdir and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report["loadavg_end"] = machine()["loadavg"]
+    return report
+
+
+def run_layers(workdir: Path, shape: Shape, memory_budget: int, args, say) -> dict:
+    """Build (or reuse) the checkpoint of `shape`, then slice, verify and forward it."""
+    checkpoint = checkpoint_dir(workdir, shape)
+    output = checkpoint.with_name(checkpoint.name + "-sliced")
+    meta = ensure_checkpoint(checkpoint, shape, args.shard_size, tokenizer=True)
+    say(
+        f"{shape.layers} layers: checkpoint {meta['input_bytes'] / 1e9:.2f} GB in "
+        f"{len(meta['shards'])} shard(s) ({checkpoint})"
+    )
+    params = {
+        "threads": args.threads,
+        "checkpoint": str(checkpoint),
+        "output": str(output),
+        "sparsity": SPARSITY,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "memory_budget": memory_budget,
+    }
+    shutil.rmtree(output, ignore_errors=True)
+    rows, verified = {}, None
+    try:
+        for name, worker in CONTENDERS.items():
+            result = run_worker(worker, workdir, params)
+            rows[name] = contender_row(result)
+            say(
+                f"  {name:7s} {result['seconds']:.1f} s, peak RSS {rows[name]['peak_rss_gib']:.2f} GiB"
+            )
+            if name == "slice":
+                rows[name]["hidden_size"] = result["hidden_size"]
+                verified = run_worker(worker_verify, workdir, params)
+                verified.pop("peak_rss")
+    finally:
+        if not args.keep:
+            shutil.rmtree(output, ignore_errors=True)
+    calibration, forward = rows["slice"], rows["forward"]
+    eigh = calibration["phases"]["eigh"]
+    projected = calibration["projected_seconds"]
+    other = (
+        calibration["seconds"] - calibration["phases"]["total"] - calibration["phases"]["rewrite"]
+    )
+    return {
+        "layers": shape.layers,
+        "checkpoint": str(checkpoint),
+        "input_bytes": meta["input_bytes"],
+        "shards": meta["shards"],
+        "build_seconds": meta["build_seconds"],
+        "contenders": rows,
+        "verify": verified,
+        "tokens_per_s_ratio": calibration["tokens_per_s"] / forward["tokens_per_s"],
+        "eigh_seconds": eigh,
+        "eigh_signals": 1 + 2 * shape.layers,
+        "projected_calibration_seconds": projected,
+        "projected_forward_seconds": forward["projected_seconds"],
+        "projected_slice_seconds": projected + calibration["phases"]["rewrite"] + other,
+    }

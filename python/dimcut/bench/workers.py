@@ -1,0 +1,60 @@
+"""Running one contender in a fresh interpreter, so that the peak RSS it reports is its own.
+
+A worker is a module-level function `worker(workdir: Path, params: dict) -> dict` of a bench
+module. `run_worker` starts `python -m dimcut.bench.child MODULE:FUNCTION ...`, which imports
+that module, calls the function, and prints its result (JSON) with the process's peak RSS.
+Worker modules import torch inside their workers only: the engine's worker then loads the
+extension module and NumPy alone, and its RSS is the engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+CHILD_MODULE = "dimcut.bench.child"
+
+Worker = Callable[[Path, dict], dict]
+
+
+def run_worker(worker: Worker, workdir: Path, params: dict) -> dict:
+    """Runs `worker` in a fresh interpreter; returns its JSON result with its "peak_rss"."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    threads = params.get("threads") or os.cpu_count() or 1
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env.setdefault(var, str(threads))
+    target = f"{worker.__module__}:{worker.__name__}"
+    # -P: the working directory must not shadow module names (python/dimcut has tokenizers.py).
+    command = [sys.executable, "-P", "-m", CHILD_MODULE, target, str(workdir), json.dumps(params)]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"bench worker {target} failed ({completed.returncode}):\n{completed.stderr[-4000:]}"
+        )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def set_torch_threads(params: dict) -> None:
+    import torch
+
+    torch.set_num_threads(params.get("threads") or os.cpu_count() or 1)
+
+
+def machine() -> dict:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "loadavg": load,
+    }
