@@ -194,7 +194,7 @@ def test_installed_task_copies_pass_the_schema_check(tmp_path):
 
 def test_hub_tasks_fail_fast_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ValueError, match="--task-data hub.*HF_.*OFFLINE is set"):
+    with pytest.raises(ValueError, match="task data 'hub'.*HF_.*OFFLINE is set"):
         prepare_tasks(["arc_easy"], "hub", tmp_path)
 
 
@@ -212,7 +212,7 @@ def test_cli_writes_a_valid_record(tiny_llama_dir, task_data, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(TEXT_DOCS), encoding="utf-8")
     out = tmp_path / "results" / "tiny.json"
-    argv = ["eval", str(tiny_llama_dir), "--ppl", str(text), "--seqlen", "64",
+    argv = ["eval", str(tiny_llama_dir), "--ppl", str(text), "--ppl-seqlen", "64",
             "--tasks", "arc_easy,winogrande", "--task-data", str(task_data),
             "--limit", "2", "--label", "tiny", "-o", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
@@ -335,3 +335,238 @@ open({str(tmp_path / "remote.json")!r}, "w").write(json.dumps(results))
         for metric in ("acc", "acc_norm", "acc_stderr", "n"):
             assert remote[task][metric] == ours[task][metric], (task, metric)
         assert ours[task]["n"] == dense[task]["n"] == LIMIT
+
+
+# ------------------------------------------------------------------- library error messages
+
+
+def test_library_errors_name_parameters_not_flags(model_and_tokenizer, tmp_path, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(ValueError, match="^max_windows must be at least 1, got 0$"):
+        perplexity(model, tokenizer, TEXT_DOCS, seqlen=32, max_windows=0)
+    with pytest.raises(ValueError, match="^batch_size must be at least 1, got 0$"):
+        perplexity(model, tokenizer, TEXT_DOCS, seqlen=32, batch_size=0)
+    monkeypatch.setattr(evaluation.tasks, "default_task_data", lambda: None)
+    with pytest.raises(FileNotFoundError, match="no task data directory given") as missing:
+        prepare_tasks(["piqa"], None, tmp_path)
+    assert "--task-data" not in str(missing.value)
+
+
+# ------------------------------------------------------------------------ missing tokenizer
+
+
+@pytest.fixture
+def model_without_tokenizer(tiny_llama_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for file in tiny_llama_dir.iterdir():
+        if not file.name.startswith("tokenizer") and file.name != "special_tokens_map.json":
+            shutil.copy(file, bare / file.name)
+    return bare
+
+
+def test_missing_tokenizer_names_directory_and_files(
+    model_without_tokenizer, task_data, monkeypatch, capsys
+):
+    from dimcut import cli, formats
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(formats, "load", must_not_load)
+    with pytest.raises(FileNotFoundError) as missing:
+        evaluation.evaluate(
+            model_without_tokenizer, ppl=None, tasks=["arc_easy"], task_data=task_data
+        )
+    message = str(missing.value)
+    assert message.startswith(f"{model_without_tokenizer} has no tokenizer files: none of ")
+    assert "tokenizer.json" in message and "tokenizer.model" in message
+    assert "sentencepiece or tiktoken" not in message
+
+    argv = ["eval", str(model_without_tokenizer), "--ppl", "none", "--tasks", "arc_easy",
+            "--task-data", str(task_data), "-o", str(model_without_tokenizer / "r.json")]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert f"error: {model_without_tokenizer} has no tokenizer files" in capsys.readouterr().err
+
+
+def test_load_tokenizer_checks_files(tiny_llama_dir, model_without_tokenizer):
+    from dimcut.tokenizers import load_tokenizer, missing_tokenizer_files
+
+    assert load_tokenizer(tiny_llama_dir)("a b").input_ids[0] == 0  # BOS, as saved
+    config_only = model_without_tokenizer
+    (config_only / "tokenizer_config.json").write_text("{}")
+    assert "tokenizer_config.json holds no vocabulary" in missing_tokenizer_files(config_only)
+    (config_only / "vocab.json").write_text("{}")
+    assert (
+        missing_tokenizer_files(config_only)
+        == f"{config_only} has vocab.json but not its merges.txt"
+    )
+    (config_only / "merges.txt").write_text("")
+    assert missing_tokenizer_files(config_only) is None
+
+
+# ------------------------------------------------------------------- examples vs the context
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory):
+    """tiny_models' Llama: max_position_embeddings = 256."""
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model("llama", tmp_path_factory.mktemp("short-context"), shard=None)
+
+
+LONG_QUESTION = " ".join(["Which of these answers is the right one for this question?"] * 40)
+LONG_SOLUTION = " ".join(["Stir it slowly with a wooden spoon and wait."] * 40)
+TOO_LONG = {
+    # a long prompt: lm-eval would cut its start off (scoring answers without their question)
+    "arc_easy": ([ARC_ROWS[0], {**ARC_ROWS[1], "question": LONG_QUESTION}], 1,
+                 f"Question: {LONG_QUESTION}\nAnswer: heat"),
+    # a long answer: lm-eval would fail on an AssertionError after the model had run
+    "piqa": ([PIQA_ROWS[0], PIQA_ROWS[1], {**PIQA_ROWS[2], "sol1": LONG_SOLUTION}], 2,
+             f"Question: Open a jar.\nAnswer: {LONG_SOLUTION}"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", list(TOO_LONG))
+def test_example_longer_than_the_context_is_named_before_the_model_runs(
+    short_context_model, tmp_path, monkeypatch, capsys, task
+):
+    from transformers import LlamaForCausalLM
+
+    from dimcut import cli
+    from dimcut.tokenizers import load_tokenizer
+
+    rows, doc_index, prompt = TOO_LONG[task]
+    write_jsonl(tmp_path / f"{task}.jsonl", rows)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(TEXT_DOCS), encoding="utf-8")
+    # The model reads every token of prompt + answer but the last.
+    needed = len(load_tokenizer(short_context_model)(prompt).input_ids) - 1
+    assert needed > 256
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model ran before the examples were checked")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", must_not_run)
+    expected = f"task {task}: example {doc_index} needs {needed} tokens, the model's context is 256"
+    with pytest.raises(ValueError) as too_long:
+        evaluation.evaluate(short_context_model, ppl=str(text), seqlen=32, tasks=[task],
+                            task_data=tmp_path)  # fmt: skip
+    assert str(too_long.value) == expected
+
+    argv = ["eval", str(short_context_model), "--ppl", "none", "--tasks", task,
+            "--task-data", str(tmp_path), "-o", str(tmp_path / "r.json")]  # fmt: skip
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.strip().endswith(f"error: {expected}")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_examples_that_fit_are_scored(short_context_model, tmp_path):
+    from dimcut import formats
+
+    write_jsonl(tmp_path / "arc_easy.jsonl", ARC_ROWS)
+    model, tokenizer = formats.load(short_context_model, device="cpu", dtype="float32")
+    entry = evaluate_tasks(model, tokenizer, ["arc_easy"], tmp_path)["arc_easy"]
+    assert entry["n"] == entry["rows"] == len(ARC_ROWS)
+
+
+# ------------------------------------------------------------------------------ CLI options
+
+
+def eval_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dimcut")
+    evaluation.add_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_seqlen_is_a_hidden_deprecated_alias_of_ppl_seqlen(capsys):
+    parser = eval_parser()
+    new = parser.parse_args(["eval", "m", "--ppl-seqlen", "64", "-o", "r.json"])
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["eval", "m", "--seqlen", "64", "-o", "r.json"])
+    assert "--seqlen is deprecated" in capsys.readouterr().err
+    default = parser.parse_args(["eval", "m", "-o", "r.json"])
+    assert (new.ppl_seqlen, old.ppl_seqlen, default.ppl_seqlen) == (64, 64, 2048)
+    assert evaluation.evaluation_options(old)["seqlen"] == 64
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--ppl-seqlen" in help_text and "--seqlen is" not in help_text
+    assert "--seqlen still works in this release but is deprecated" in " ".join(help_text.split())
+
+
+def test_write_tasks_refuses_hub_and_needs_no_model(task_data, tmp_path, capsys):
+    from dimcut import cli
+
+    assert cli.main(["eval", "--write-tasks", str(tmp_path / "t"), "--task-data", "hub"]) == 1
+    assert "no task files to write" in capsys.readouterr().err
+    argv = ["eval", "--write-tasks", str(tmp_path / "t"), "--tasks", "piqa",
+            "--task-data", str(task_data)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["dimcut_piqa.yaml"]
+    out = capsys.readouterr().out
+    assert "pretrained=MODEL_DIR,dtype=float32 --tasks dimcut_piqa --include_path" in out
+
+
+# --------------------------------------------- the stock lm-eval command line, same numbers
+
+
+@pytest.mark.parametrize("fmt", ["slicegpt", "plain"])
+def test_stock_lm_eval_cli_gives_the_same_numbers(tiny_llama_dir, task_data, tmp_path, capsys, fmt):
+    """`dimcut eval --write-tasks DIR` writes the task files and prints the stock lm-eval
+    command; run as printed (in a fresh interpreter that never imports dimcut), lm-eval scores
+    the sliced checkpoint exactly as `dimcut.evaluate` does."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from dimcut import cli
+    from dimcut.plan import PLAIN_ROTATION, RotationNames
+    from dimcut.slicing import write_sliced_model
+    from tiny_models import random_orthogonal
+
+    if fmt == "plain":
+        rotations = {PLAIN_ROTATION: random_orthogonal(64, 0)}
+    else:
+        names = RotationNames.per_layer(2)
+        all_names = [names.embedding, *names.mid, *names.out]
+        rotations = {name: random_orthogonal(64, i) for i, name in enumerate(all_names)}
+    model = tmp_path / fmt
+    write_sliced_model(tiny_llama_dir, model, fmt=fmt, rotations=rotations, width=48,
+                       provenance={"sparsity": 0.25}, progress=False)  # fmt: skip
+    tasks = ["arc_easy", "winogrande", "piqa"]
+    ours = evaluation.evaluate(model, ppl=None, tasks=tasks, task_data=task_data, limit=LIMIT)
+
+    include = tmp_path / "tasks"
+    argv = ["eval", str(model), "--tasks", ",".join(tasks), "--task-data", str(task_data),
+            "--limit", str(LIMIT), "--write-tasks", str(include)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    remote_code = ",trust_remote_code=True" if fmt == "slicegpt" else ""
+    command = ["lm_eval", "--model", "hf",
+               "--model_args", f"pretrained={model},dtype=float32{remote_code}",
+               "--tasks", "dimcut_arc_easy,dimcut_winogrande,dimcut_piqa",
+               "--include_path", str(include), "--num_fewshot", "0", "--seed", "1234",
+               "--batch_size", "1", "--limit", str(LIMIT)]  # fmt: skip
+    assert printed == command
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    output = tmp_path / "lm-eval-output"
+    subprocess.run(
+        [sys.executable, "-m", *command, "--output_path", str(output)],
+        cwd=tmp_path, env=env, capture_output=True, check=True, timeout=600,
+    )  # fmt: skip
+    (results_file,) = output.rglob("results_*.json")
+    stock = json.loads(results_file.read_text())["results"]
+    for task in tasks:
+        theirs = stock[f"dimcut_{task}"]
+        for metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+            value = theirs.get(f"{metric},none")
+            assert ours["tasks"][task][metric] == value, (task, metric)
+    assert ours["tasks"]["arc_easy"]["acc_norm"] is not None

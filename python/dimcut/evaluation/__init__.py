@@ -1,0 +1,53 @@
+"""Evaluation: perplexity (the GPTQ/SliceGPT protocol) and lm-eval zero-shot multiple choice.
+
+`evaluate(model_dir)` produces one results record (docs/results-schema.md); `dimcut eval` is its
+command line. Modules, each importing only those before it:
+
+- `perplexity`: the perplexity protocol on a loaded model;
+- `tasks`: lm-eval tasks on local data (task YAMLs, context checks, runs, headline metrics);
+- `record`: the record's model facts, fingerprint, parameter counts, versions; writing it;
+- `run`: `evaluate`, which puts them together;
+- `cli`: `dimcut eval` and the evaluation options `dimcut sweep` shares.
+"""
+
+from dimcut.evaluation.cli import add_commands, add_evaluation_arguments, evaluation_options
+from dimcut.evaluation.perplexity import perplexity
+from dimcut.evaluation.record import (
+    SCHEMA,
+    checkpoint_fingerprint,
+    count_parameters,
+    format_summary,
+    model_facts,
+    write_results,
+)
+from dimcut.evaluation.run import DEFAULT_PPL_SOURCE, DTYPES, evaluate
+from dimcut.evaluation.tasks import (
+    DEFAULT_TASKS,
+    TASKS,
+    TaskRun,
+    default_task_data,
+    evaluate_tasks,
+    prepare_tasks,
+)
+
+__all__ = [
+    "DEFAULT_PPL_SOURCE",
+    "DEFAULT_TASKS",
+    "DTYPES",
+    "SCHEMA",
+    "TASKS",
+    "TaskRun",
+    "add_commands",
+    "add_evaluation_arguments",
+    "checkpoint_fingerprint",
+    "count_parameters",
+    "default_task_data",
+    "evaluate",
+    "evaluate_tasks",
+    "evaluation_options",
+    "format_summary",
+    "model_facts",
+    "perplexity",
+    "prepare_tasks",
+    "write_results",
+]

@@ -1,0 +1,131 @@
+"""The results record (docs/results-schema.md): model facts, fingerprint, parameter counts,
+versions; writing it and summarising it for a terminal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+from dimcut.runtime import atomic_write_text
+
+SCHEMA = "dimcut.results/1"
+
+
+def model_facts(model_dir: Path) -> dict:
+    """Slicing facts from config.json's "dimcut" block; a checkpoint without one is dense."""
+    config = json.loads((model_dir / "config.json").read_text())
+    block = config.get("dimcut")
+    if block is None:
+        width = config["hidden_size"]
+        return {
+            "label": model_dir.resolve().name,
+            "format": "dense",
+            "sparsity": 0.0,
+            "effective_sparsity": 0.0,
+            "hidden_size": width,
+            "original_hidden_size": width,
+            "calibration": None,
+        }
+    source_model = block.get("source_model")
+    return {
+        # The laws group results by the dense model a cut came from.
+        "label": Path(source_model).name if source_model else model_dir.resolve().name,
+        "format": block["format"],
+        "sparsity": block.get("sparsity"),
+        "effective_sparsity": block["effective_sparsity"],
+        "hidden_size": block["hidden_size"],
+        "original_hidden_size": block["original_hidden_size"],
+        "calibration": block.get("calibration"),
+    }
+
+
+def overlaps_calibration(facts: dict, source_key: str) -> bool | None:
+    """Whether the perplexity text is the calibration text; None when that is unknown.
+
+    The calibration record names its text by `data_sources.source_key`, as `source_key` does.
+    """
+    if facts["format"] == "dense":
+        return False
+    calibrated_on = (facts["calibration"] or {}).get("source")
+    return None if calibrated_on is None else calibrated_on == source_key
+
+
+def count_parameters(model) -> dict:
+    """Parameters of the loaded model (tied tensors once), shortcut matrices counted apart."""
+    from dimcut.formats import split_shortcuts  # imports torch: only when a model is counted
+
+    unique = {}  # tied tensors share storage: count each once
+    for name, tensor in model.state_dict().items():
+        unique.setdefault(tensor.data_ptr(), (name, tensor.numel()))
+    return split_shortcuts(unique.values())
+
+
+def checkpoint_fingerprint(model_dir: Path) -> str | None:
+    """sha256 over each safetensors file's name, size and header (cheap: no weight bytes read)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as fh:
+            header = fh.read(int.from_bytes(fh.read(8), "little"))
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        digest.update(header)
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "dimcut": installed("dimcut"),
+        "torch": installed("torch"),
+        "transformers": installed("transformers"),
+        "lm_eval": installed("lm_eval"),
+        "datasets": installed("datasets"),
+        "python": platform.python_version(),
+    }
+
+
+def write_results(record: dict, path: str | Path) -> None:
+    """Write a record as JSON atomically (readers see the old file or the whole new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def format_summary(record: dict) -> str:
+    model = record["model"]
+    params = model["parameters"]
+    width = f"hidden {model['hidden_size']}/{model['original_hidden_size']}"
+    sparsity = f"effective sparsity {model['effective_sparsity']:.3f}"
+    lines = [f"model  {model['label']}  ({model['format']}, {width}, {sparsity})"]
+    lines.append(f"params {params['total']:,} ({params['without_shortcuts']:,} w/o shortcuts)")
+    ppl = record["perplexity"]
+    if ppl:
+        lines.append(
+            f"ppl    {ppl['ppl']:.3f}  on {ppl['source']}  "
+            f"({ppl['windows']} windows x {ppl['seqlen']} tokens)"
+        )
+    if record["tasks"]:
+        lines.append(f"{'task':<15}{'metric':<10}{'value':>8}{'stderr':>9}{'n':>7}")
+        for name, entry in record["tasks"].items():
+            stderr = entry[f"{entry['headline_metric']}_stderr"]
+            lines.append(
+                f"{name:<15}{entry['headline_metric']:<10}{entry['headline']:>8.4f}"
+                f"{(f'{stderr:.4f}' if stderr is not None else '-'):>9}{entry['n']:>7}"
+            )
+    wall = record["wall_seconds"]
+    lines.append(
+        "wall   "
+        + "  ".join(f"{key} {value:.1f}s" for key, value in wall.items() if value is not None)
+    )
+    return "\n".join(lines)

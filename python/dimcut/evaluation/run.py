@@ -1,0 +1,139 @@
+"""`evaluate(model_dir)`: perplexity and zero-shot tasks of one checkpoint, as a results record.
+
+Every input is checked before the model is loaded (the perplexity text is tokenized and cut
+into windows, the task data read and checked against the prompts' fields, the tokenizer
+loaded), and every task example is checked to fit the model's context before the model runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from dimcut import data_sources
+from dimcut.evaluation.perplexity import cut_windows, score_windows
+from dimcut.evaluation.record import (
+    SCHEMA,
+    checkpoint_fingerprint,
+    count_parameters,
+    model_facts,
+    overlaps_calibration,
+    versions,
+)
+from dimcut.evaluation.tasks import DEFAULT_TASKS, TaskRun, prepare_tasks
+from dimcut.runtime import torch_device
+from dimcut.tokenizers import load_tokenizer
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_PPL_SOURCE = data_sources.WIKI_OFFLINE
+
+
+def evaluate(
+    model_dir: str | Path,
+    *,
+    ppl: str | None = DEFAULT_PPL_SOURCE,
+    ppl_split: str = "test",
+    seqlen: int = 2048,
+    ppl_windows: int | None = None,
+    tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
+    task_data: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype: str = "float32",
+    seed: int = 1234,
+    label: str | None = None,
+) -> dict:
+    """Evaluate a dense or dimcut-sliced checkpoint; returns a `dimcut.results/1` record.
+
+    `ppl` is a text source (`dimcut.data_sources`) or None, cut into windows of `seqlen` tokens
+    (at most `ppl_windows` of them); `tasks` are names from `TASKS`, run on `task_data` (see
+    `prepare_tasks`), at most `limit` examples each.
+    """
+    import torch
+
+    from dimcut import formats
+
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = str(torch_device(device))
+    facts = model_facts(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    windows = None
+    if ppl:
+        documents = data_sources.load_documents(ppl, ppl_split)
+        windows = cut_windows(tokenizer, documents, seqlen, ppl_windows)
+    wall = {"load": None, "perplexity": None, "tasks": None, "total": None}
+
+    with tempfile.TemporaryDirectory(prefix="dimcut-tasks-") as config_dir:
+        prepared = prepare_tasks(list(tasks), task_data, config_dir) if tasks else []
+
+        torch.manual_seed(seed)
+        clock = time.perf_counter()
+        model, _ = formats.load(model_dir, device=device, dtype=dtype)
+        wall["load"] = time.perf_counter() - clock
+
+        task_run = None
+        if prepared:
+            clock = time.perf_counter()
+            task_run = TaskRun(
+                model,
+                tokenizer,
+                prepared,
+                config_dir,
+                limit=limit,
+                batch_size=batch_size,
+                seed=seed,
+            )
+            wall["tasks"] = time.perf_counter() - clock
+
+        ppl_entry = None
+        if windows is not None:
+            clock = time.perf_counter()
+            key = data_sources.source_key(ppl, ppl_split)
+            ppl_entry = {
+                "source": key,
+                **score_windows(model, windows, batch_size),
+                "overlaps_calibration": overlaps_calibration(facts, key),
+            }
+            wall["perplexity"] = time.perf_counter() - clock
+
+        task_entries = {}
+        if task_run is not None:
+            clock = time.perf_counter()
+            task_entries = task_run.run()
+            wall["tasks"] += time.perf_counter() - clock
+
+    wall["total"] = time.perf_counter() - started
+    return {
+        "schema": SCHEMA,
+        "model": {
+            "path": str(model_dir.resolve()),
+            "label": label or facts["label"],
+            "fingerprint": checkpoint_fingerprint(model_dir),
+            "format": facts["format"],
+            "sparsity": facts["sparsity"],
+            "effective_sparsity": facts["effective_sparsity"],
+            "hidden_size": facts["hidden_size"],
+            "original_hidden_size": facts["original_hidden_size"],
+            "parameters": count_parameters(model),
+            "calibration": facts["calibration"],
+        },
+        "perplexity": ppl_entry,
+        "tasks": task_entries,
+        "versions": versions(),
+        "seed": seed,
+        "limit": limit,
+        "num_fewshot": 0,
+        "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+        "wall_seconds": wall,
+    }
