@@ -271,6 +271,7 @@ class TaskRun:
         lm_task.set_config(key="num_fewshot", value=0)  # as `run` asks simple_evaluate
         lm_task.build_all_requests(limit=get_sample_size(lm_task, self.limit), rank=0, world_size=1)
         for instance in lm_task.instances:
+            # The very call lm-eval's loglikelihood makes (contexts here are never empty).
             context, continuation = self.lm._encode_pair(*instance.args)
             # The model reads all but the last token (lm-eval's `inp`); the last is predicted.
             needed = len(context) + len(continuation) - 1
