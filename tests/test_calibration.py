@@ -16,6 +16,14 @@ from test_formats import dir_digest
 from tiny_models import FAMILY_CONFIGS, save_tiny_model, tiny_logits
 
 CALIB = {"nsamples": 4, "seqlen": 32, "seed": 3, "progress": False}
+# The CUDA path cannot run on CPU-only machines: the same tests run there when CUDA is present.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +39,12 @@ def token_batch(model_dir, n=2, length=24):
     return sample_sequences(tokenizer, docs[500:], n, length, seed=11)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 @pytest.mark.parametrize("fmt", ["slicegpt", "plain"])
-def test_zero_sparsity_reproduces_dense_logits(family, fmt, tmp_path):
+def test_zero_sparsity_reproduces_dense_logits(family, fmt, device, tmp_path):
     dense = save_tiny_model(family, tmp_path / "dense")
-    result = dimcut.slice_model(dense, 0.0, tmp_path / "out", fmt=fmt, **CALIB)
+    result = dimcut.slice_model(dense, 0.0, tmp_path / "out", fmt=fmt, device=device, **CALIB)
     assert result.hidden_size == 64 and result.effective_sparsity == 0
     tokens = token_batch(dense)
     reference = tiny_logits(dense, tokens)
@@ -43,11 +52,12 @@ def test_zero_sparsity_reproduces_dense_logits(family, fmt, tmp_path):
     assert error < 1e-4, f"{family}/{fmt}: relative logit error {error:.2e}"
 
 
-def test_streamed_calibration_matches_in_memory_oracle(llama, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_streamed_calibration_matches_in_memory_oracle(llama, device, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     width = 40
-    calibrated = dimcut.calibrate(llama, fmt="slicegpt", width=width, **CALIB)
+    calibrated = dimcut.calibrate(llama, fmt="slicegpt", width=width, device=device, **CALIB)
     tokenizer = AutoTokenizer.from_pretrained(llama)
     docs, _ = calibration_documents(None)
     tokens = sample_sequences(tokenizer, docs, CALIB["nsamples"], CALIB["seqlen"], CALIB["seed"])
@@ -116,7 +126,7 @@ def test_same_seed_gives_byte_identical_output(llama, tmp_path):
 
 
 def test_saved_rotations_are_reused_and_checked(llama, tmp_path):
-    rotations = tmp_path / "rot.npz"
+    rotations = tmp_path / "rotations"
     dimcut.slice_model(llama, 0.25, tmp_path / "a", fmt="plain", save_rotations=rotations, **CALIB)
     dimcut.slice_model(
         llama, 0.5, tmp_path / "b", fmt="plain", rotations_file=rotations, progress=False
@@ -228,3 +238,94 @@ def test_plain_width_is_one_the_stock_config_accepts(llama, tmp_path):
     assert model.config.hidden_size == 40
     sliced = dimcut.slice_model(llama, 0.34, tmp_path / "faithful", round_to=2, **CALIB)
     assert sliced.hidden_size == 42  # the slicegpt format has no such constraint
+
+
+def test_rotations_leave_memory_as_leading_columns(llama, tmp_path):
+    """The rewrite reads Q[:, :d] only, so that is all a rotation store keeps on disk (the head
+    rotation keeps D when the head is not sliced); the temporary store is gone afterwards."""
+    calibrated = dimcut.calibrate(llama, fmt="slicegpt", width=40, rotations_dir=tmp_path, **CALIB)
+    store = calibrated.rotations
+    assert isinstance(store, dimcut.calibration.RotationStore)
+    assert store.directory.parent == tmp_path
+    shapes = {name: store[name].shape for name in store}
+    assert shapes == {
+        "Q.embedding": (64, 40),
+        "Q.0.mid": (64, 40),
+        "Q.0.out": (64, 40),
+        "Q.1.mid": (64, 40),
+        "Q.1.out": (64, 64),
+    }
+    assert all(isinstance(store[name], np.memmap) for name in store)
+    calibrated.close()
+    assert list(tmp_path.iterdir()) == []
+    plain = dimcut.calibrate(llama, fmt="plain", width=40, rotations_dir=tmp_path, **CALIB)
+    assert {name: plain.rotations[name].shape for name in plain.rotations} == {"Q": (64, 64)}
+    plain.close()
+    dimcut.slice_model(llama, 0.25, tmp_path / "out", **CALIB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_format_typo_fails_before_any_work(llama, tmp_path, monkeypatch):
+    from dimcut.calibration import procedures
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the format was checked")
+
+    monkeypatch.setattr(procedures, "_open_stream", no_work)
+    with pytest.raises(ValueError, match="format must be one of slicegpt, plain, got 'slicgpt'"):
+        dimcut.calibrate(llama, fmt="slicgpt", width=40)
+    with pytest.raises(ValueError, match="got 'plian'"):
+        dimcut.slice_model(llama, 0.25, tmp_path / "out", fmt="plian")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_budget_reaches_the_engine(llama, tmp_path, monkeypatch):
+    from dimcut import slicing
+
+    seen = {}
+    rewrite = slicing.rewrite_checkpoint
+
+    def spy(*args, **kwargs):
+        seen["budget"] = kwargs["memory_budget"]
+        return rewrite(*args, **kwargs)
+
+    monkeypatch.setattr(slicing, "rewrite_checkpoint", spy)
+    dimcut.slice_model(llama, 0.25, tmp_path / "out", memory_budget=64 * 2**20, **CALIB)
+    assert seen["budget"] == 16 * 2**20
+
+
+def test_resume_does_not_depend_on_the_memory_budget(llama, tmp_path, monkeypatch):
+    """A resumable calibration interrupted after layer 1 continues under another memory budget
+    (where the activations live is not part of what the calibration is) and gives the same
+    rotations as an uninterrupted run."""
+    from dimcut import _hooks
+    from dimcut.calibration import procedures
+
+    reference = dimcut.calibrate(llama, fmt="slicegpt", width=40, **CALIB)
+    state = tmp_path / "state"
+
+    def stop_after_layer_one(point, value):
+        if point == "calibration" and value >= 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_hooks, "reached", stop_after_layer_one)
+    with pytest.raises(KeyboardInterrupt):
+        dimcut.calibrate(llama, fmt="slicegpt", width=40, resume_dir=state, **CALIB)
+    monkeypatch.undo()
+
+    def no_embedding(*args):
+        raise AssertionError("resumed from scratch")
+
+    monkeypatch.setattr(procedures, "embed", no_embedding)
+    resumed = dimcut.calibrate(
+        llama, fmt="slicegpt", width=40, resume_dir=state, memory_budget=1024, **CALIB
+    )
+    assert resumed.record["activations_on_disk"]
+    for name in reference.rotations:
+        np.testing.assert_array_equal(reference.rotations[name], resumed.rotations[name])
+
+
+def test_streamed_forward_is_timed(llama):
+    timings = dimcut.calibration.streamed_forward(llama, nsamples=2, seqlen=32, progress=False)
+    assert timings.tokens == 64 and timings.total >= timings.forward > 0
+    assert timings.eigh == 0 and timings.covariance == 0

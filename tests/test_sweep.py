@@ -45,7 +45,7 @@ def test_sweep_writes_one_record_per_point_and_fits(setup, tmp_path, fmt):
     widths = [json.loads(p.read_text())["model"]["hidden_size"] for p in records]
     assert widths == [64, 48, 32]
     assert not (tmp_path / "runs" / "models" / "s0.25").exists()  # deleted unless --keep-models
-    assert (tmp_path / "runs" / sweep.PLAIN_ROTATIONS).is_file() == (fmt == "plain")
+    assert (tmp_path / "runs" / sweep.PLAIN_ROTATIONS).is_dir() == (fmt == "plain")
     report = dimcut.fit_records(dimcut.load_records([tmp_path / "runs"]))
     assert report.models[0].label == "tiny"
 
@@ -77,6 +77,27 @@ def test_sweep_resumes_after_a_crash(setup, tmp_path, monkeypatch):
     assert all(p.is_file() for p in records)
     assert calibrations == []  # the saved plain rotations were reused
     assert (tmp_path / "runs" / "models" / "s0.5" / "config.json").is_file()  # kept, redone
+
+
+def test_plain_rotations_of_another_calibration_are_not_reused(setup, tmp_path, monkeypatch):
+    """A RUNS/ directory resumed with other calibration options recalibrates the plain rotation
+    instead of reusing one made from other tokens."""
+    model, eval_options = setup
+    options = {"slice_options": {"fmt": "plain", **SLICE}, "eval_options": eval_options}
+    sweep.sweep(model, [0.25], tmp_path / "runs", progress=False, **options)
+    calibrations = []
+    real_calibrate = calibration.calibrate
+
+    def counted(*args, **kwargs):
+        calibrations.append(kwargs["nsamples"])
+        return real_calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate", counted)
+    options["slice_options"] = {**options["slice_options"], "nsamples": 6}
+    sweep.sweep(model, [0.25, 0.5], tmp_path / "runs", progress=False, **options)
+    assert calibrations == [6]
+    record = json.loads((tmp_path / "runs" / sweep.PLAIN_ROTATIONS / "record.json").read_text())
+    assert record["nsamples"] == 6
 
 
 def test_bad_sparsities_are_refused():

@@ -1,44 +1,61 @@
-"""dimcut: cut an LLM's hidden dimension (SliceGPT) out of core, and predict what the cut costs."""
+"""dimcut: cut an LLM's hidden dimension (SliceGPT) out of core, and predict what the cut costs.
 
-from importlib.metadata import PackageNotFoundError, version
+Importing dimcut is cheap: every public name below is imported from its module on first use
+(PEP 562), so `dimcut --help`, `dimcut fit` and `dimcut predict` never import torch.
+"""
 
-try:
-    __version__ = version("dimcut")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+unknown"
+from __future__ import annotations
 
+import importlib
+
+from dimcut import _register
 from dimcut._core import DimcutError
-from dimcut.architectures import Architecture, load_architecture, sliced_width
-from dimcut.calibration import Calibrated, calibrate, load_rotations, save_rotations
-from dimcut.engine import TensorOp, inspect_checkpoint, rewrite_checkpoint, rewrite_tensors
-from dimcut.evaluation import evaluate, perplexity
-from dimcut.formats import count_parameters, load
-from dimcut.laws import (
-    FitReport,
-    LineFit,
-    MetricFit,
-    ModelFit,
-    Prediction,
-    Record,
-    fit_line,
-    fit_records,
-    group_by_model,
-    load_records,
-    max_sparsity,
-    plot_fits,
-    predict,
-)
-from dimcut.modeling_dimcut import register_auto_classes
-from dimcut.slicing import SliceResult, slice_model, write_sliced_model
+from dimcut.runtime import package_version
 
-# `import dimcut` lets AutoModelForCausalLM load slicegpt-format outputs without remote code.
-register_auto_classes()
+__version__ = package_version()
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "Architecture": "dimcut.architectures",
+    "load_architecture": "dimcut.architectures",
+    "sliced_width": "dimcut.architectures",
+    "Format": "dimcut.plan",
+    "Calibrated": "dimcut.calibration",
+    "calibrate": "dimcut.calibration",
+    "load_rotations": "dimcut.calibration",
+    "save_rotations": "dimcut.calibration",
+    "TensorOp": "dimcut.engine",
+    "inspect_checkpoint": "dimcut.engine",
+    "rewrite_checkpoint": "dimcut.engine",
+    "rewrite_tensors": "dimcut.engine",
+    "evaluate": "dimcut.evaluation",
+    "perplexity": "dimcut.evaluation",
+    "count_parameters": "dimcut.formats",
+    "load": "dimcut.formats",
+    "FitReport": "dimcut.laws",
+    "LineFit": "dimcut.laws",
+    "MetricFit": "dimcut.laws",
+    "ModelFit": "dimcut.laws",
+    "Prediction": "dimcut.laws",
+    "Record": "dimcut.laws",
+    "fit_line": "dimcut.laws",
+    "fit_records": "dimcut.laws",
+    "group_by_model": "dimcut.laws",
+    "load_records": "dimcut.laws",
+    "max_sparsity": "dimcut.laws",
+    "plot_fits": "dimcut.laws",
+    "predict": "dimcut.laws",
+    "SliceResult": "dimcut.slicing",
+    "slice_model": "dimcut.slicing",
+    "write_sliced_model": "dimcut.slicing",
+}
 
 __all__ = [
     "Architecture",
     "Calibrated",
     "DimcutError",
     "FitReport",
+    "Format",
     "LineFit",
     "MetricFit",
     "ModelFit",
@@ -69,3 +86,20 @@ __all__ = [
     "sliced_width",
     "write_sliced_model",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dimcut' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+# `import dimcut` lets AutoModelForCausalLM load slicegpt-format outputs without remote code.
+_register.install()

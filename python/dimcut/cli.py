@@ -10,19 +10,22 @@ import threading
 
 from dimcut import __version__
 
-# Each module defines `add_commands(subparsers)`; heavy imports stay inside the command functions
-# so that `dimcut --help` is fast.
-COMMAND_MODULES = (
-    "dimcut.slicing",
-    "dimcut.evaluation",
-    "dimcut.sweep",
-    "dimcut.laws",
-    "dimcut.verify",
-    "dimcut.bench",
-)
+# Command -> (the module defining it with `add_commands(subparsers)`, its one-line help). Only
+# the module of the command being run is imported, so `dimcut --help` and `dimcut fit` stay fast
+# (no torch).
+COMMANDS = {
+    "slice": ("dimcut.slicing", "slice a model's hidden dimension (SliceGPT) and write it"),
+    "eval": ("dimcut.evaluation", "measure perplexity and zero-shot accuracy of a model"),
+    "sweep": ("dimcut.sweep", "slice at several sparsities and evaluate each point (resumable)"),
+    "fit": ("dimcut.laws", "fit the sparsity laws to evaluated models"),
+    "predict": ("dimcut.laws", "predict quality at a sparsity, or the sparsity within a budget"),
+    "verify": ("dimcut.verify", "check a written checkpoint: headers, manifest, shapes, one layer"),
+    "bench": ("dimcut.bench", "benchmark slicing and calibration against baselines"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full options of `command` (others are listed by name and help)."""
     parser = argparse.ArgumentParser(
         prog="dimcut",
         description=(
@@ -33,14 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dimcut {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # that concern is not built yet
-            raise
-        module.add_commands(subparsers)
+    selected = COMMANDS[command][0] if command in COMMANDS else None
+    if selected is not None:
+        importlib.import_module(selected).add_commands(subparsers)
+    for name, (module, help_text) in COMMANDS.items():
+        if module != selected:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -56,7 +57,9 @@ def _raise_terminated(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     from dimcut._core import DimcutError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -53,6 +53,31 @@ def plain_config(arch: Architecture, width: int, provenance: dict) -> dict:
     }
 
 
+def stock_width(arch: Architecture, width: int, round_to: int) -> int:
+    """The largest width ≤ `width`, a multiple of `round_to`, that the family's stock config
+    accepts as its hidden size (the plain format is a stock model: transformers' LlamaConfig,
+    for one, requires hidden_size to be a multiple of num_attention_heads even with an explicit
+    head_dim)."""
+    for candidate in range(width, 0, -round_to):
+        if _stock_config_accepts(arch, candidate):
+            return candidate
+    raise ValueError(
+        f"no hidden size ≤ {width} that is a multiple of round_to={round_to} makes a valid "
+        f"stock {arch.model_type} config; use the slicegpt format"
+    )
+
+
+def _stock_config_accepts(arch: Architecture, width: int) -> bool:
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(**plain_config(arch, width, {}))
+    except (ValueError, StrictDataclassError):
+        return False
+    return True
+
+
 def output_files(config: dict, fmt: str) -> dict[str, bytes]:
     files = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
     if fmt == "slicegpt":
@@ -97,11 +122,10 @@ def load(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = "flo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    modeling_dimcut.register_auto_classes()
     model_dir = Path(model_dir)
     torch_dtype = getattr(torch, dtype) if dtype else None
     # Safetensors only: never unpickle a `pytorch_model.bin`; remote code stays off (the dimcut
-    # model class is registered locally above).
+    # model class is registered locally: importing modeling_dimcut registers it).
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
     )

@@ -245,3 +245,7 @@ def register_auto_classes() -> None:
         AutoModelForCausalLM.register(DimcutSlicedConfig, DimcutSlicedForCausalLM)
     except ValueError:
         pass  # already registered (e.g. the module was imported twice)
+
+
+if __name__ == "dimcut.modeling_dimcut":  # part of dimcut, not the copy loaded as remote code
+    register_auto_classes()

@@ -14,11 +14,14 @@ name; the arrays themselves travel beside the ops. The rules (docs/algorithm.md 
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, FINAL_NORM, LM_HEAD, Architecture
-
 
 
 @enum.unique
@@ -36,6 +39,7 @@ class Format(str, enum.Enum):
         except ValueError:
             choices = ", ".join(f.value for f in cls)
             raise ValueError(f"{parameter} must be one of {choices}, got {value!r}") from None
+
 
 # Tensors that stock checkpoints sometimes carry but models recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -92,6 +96,44 @@ class RotationNames:
 PLAIN_ROTATION = "Q"
 PLAIN_READER_ROTATION = "Q.norm_readers"
 PLAIN_NORM_ONES = "ones"
+
+
+def plan_rotation_names(fmt: Format, num_layers: int) -> RotationNames:
+    """The rotations a format's plan reads: one per residual point, or one shared."""
+    if Format.parse(fmt) is Format.PLAIN:
+        return RotationNames.shared(PLAIN_ROTATION, num_layers)
+    return RotationNames.per_layer(num_layers)
+
+
+def plan_widths(arch: Architecture, fmt: Format, width: int, slice_head: bool) -> Widths:
+    """Uniform width d at every residual point; the head keeps D unless sliced."""
+    # The plain format is one stock model of width d, so its head is always sliced.
+    head = None if (slice_head or Format.parse(fmt) is Format.PLAIN) else arch.hidden_size
+    return Widths.constant(width, arch.num_layers, head_width=head)
+
+
+def rotation_arrays(
+    fmt: Format, rotations: Mapping[str, np.ndarray], widths: Widths, arch: Architecture
+) -> tuple[RotationNames, dict[str, np.ndarray]]:
+    """The named arrays the plan's ops read. Per-layer rotations are passed through untouched
+    (memory maps stay memory maps); the plain format adds its scaled reader rotation."""
+    names = plan_rotation_names(fmt, arch.num_layers)
+    if Format.parse(fmt) is Format.PLAIN:
+        q = np.ascontiguousarray(rotations[PLAIN_ROTATION][:, : widths.embedding])
+        scale = math.sqrt(arch.hidden_size / widths.embedding)
+        arrays = {
+            PLAIN_ROTATION: q,
+            PLAIN_READER_ROTATION: q * scale,
+            PLAIN_NORM_ONES: np.ones(widths.embedding),
+        }
+        return names, arrays
+    needed = dict.fromkeys((names.embedding, *names.mid, *names.out))
+    missing = [name for name in needed if name not in rotations]
+    if missing:
+        raise ValueError(
+            f"rotations lack {', '.join(missing[:3])} for a {arch.num_layers}-layer model"
+        )
+    return names, {name: rotations[name] for name in needed}
 
 
 def _op(name: str, **fields) -> dict:

@@ -50,6 +50,15 @@ def torch_device(device: str | Device = Device.AUTO):
     return torch.device(device.value)
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dimcut")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "0.0.0+unknown"
+
+
 def engine_budget(memory_budget: int) -> int:
     """The engine's tile budget within the user's memory budget."""
     return max(memory_budget // 4, 16 * 2**20)
@@ -78,6 +87,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     try:
+        os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not results
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
@@ -86,6 +96,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

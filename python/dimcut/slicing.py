@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import math
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dimcut import formats
-from dimcut.architectures import Architecture, load_architecture, sliced_width
-from dimcut.plan import (
-    PLAIN_NORM_ONES,
-    PLAIN_READER_ROTATION,
-    PLAIN_ROTATION,
-    RotationNames,
-    Widths,
-    model_ops,
+from dimcut import _hooks, calibration, formats
+from dimcut.architectures import check_weights, load_architecture, sliced_width
+from dimcut.engine import inspect_checkpoint, rewrite_checkpoint
+from dimcut.plan import Format, model_ops, plan_widths, rotation_arrays
+from dimcut.runtime import (
+    DEFAULT_MEMORY_BUDGET,
+    GIB,
+    engine_budget,
+    package_version,
+    peak_rss_bytes,
 )
 
 
@@ -37,6 +40,8 @@ class SliceResult:
     peak_rss_bytes: int
     calibration: dict | None = None
     retained_variance: dict[str, float] = field(default_factory=dict)
+    # Seconds per phase: calibration's (see calibration.Timings) and the engine's "rewrite".
+    timings: dict = field(default_factory=dict)
 
     @property
     def effective_sparsity(self) -> float:
@@ -71,95 +76,41 @@ class SliceResult:
         return "\n".join(lines)
 
 
-def stock_width(arch: Architecture, width: int, round_to: int) -> int:
-    """The largest width ≤ `width`, a multiple of `round_to`, that the family's stock config
-    accepts as its hidden size (the plain format is a stock model: transformers' LlamaConfig,
-    for one, requires hidden_size to be a multiple of num_attention_heads even with an explicit
-    head_dim)."""
-    for candidate in range(width, 0, -round_to):
-        if _stock_config_accepts(arch, candidate):
-            return candidate
-    raise ValueError(
-        f"no hidden size ≤ {width} that is a multiple of --round-to {round_to} makes a valid "
-        f"stock {arch.model_type} config; use --format slicegpt"
-    )
-
-
-def _stock_config_accepts(arch: Architecture, width: int) -> bool:
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.for_model(**formats.plain_config(arch, width, {}))
-    except (ValueError, StrictDataclassError):
-        return False
-    return True
-
-
-def plan_widths(arch: Architecture, fmt: str, width: int, slice_head: bool) -> Widths:
-    # The plain format is one stock model of width d, so its head is always sliced.
-    head = None if (slice_head or fmt == "plain") else arch.hidden_size
-    return Widths.constant(width, arch.num_layers, head_width=head)
-
-
-def rotation_arrays(
-    fmt: str, rotations: dict[str, np.ndarray], widths: Widths, arch: Architecture
-) -> tuple[RotationNames, dict[str, np.ndarray]]:
-    """Name the rotations for the plan and keep only the columns the plan reads."""
-    if fmt == "plain":
-        q = np.ascontiguousarray(rotations[PLAIN_ROTATION][:, : widths.embedding])
-        scale = math.sqrt(arch.hidden_size / widths.embedding)
-        arrays = {
-            PLAIN_ROTATION: q,
-            PLAIN_READER_ROTATION: q * scale,
-            PLAIN_NORM_ONES: np.ones(widths.embedding),
-        }
-        return RotationNames.shared(PLAIN_ROTATION, arch.num_layers), arrays
-    names = RotationNames.per_layer(arch.num_layers)
-    missing = [n for n in (names.embedding, *names.mid, *names.out) if n not in rotations]
-    if missing:
-        raise ValueError(
-            f"rotations lack {', '.join(missing[:3])} for a {arch.num_layers}-layer model"
-        )
-    return names, {name: np.ascontiguousarray(q) for name, q in rotations.items()}
-
-
 def write_sliced_model(
     model_dir: str | Path,
     out_dir: str | Path,
     *,
-    fmt: str,
-    rotations: dict[str, np.ndarray],
+    fmt: Format | str,
+    rotations: Mapping[str, np.ndarray],
     width: int,
     slice_head: bool = False,
     provenance: dict | None = None,
     overwrite: bool = False,
-    max_shard_size: int = 2 * 2**30,
-    memory_budget: int = 512 * 2**20,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     precision: str = "f32",
     progress: bool = True,
 ) -> dict:
-    """Rewrite `model_dir` into `out_dir` with the given rotations (D×D float64, by plan name)."""
-    from dimcut.engine import inspect_checkpoint, rewrite_checkpoint
-
+    """Rewrite `model_dir` into `out_dir` with the given rotations (float64 Q or its leading
+    columns, by plan name; memory-mapped ones are read by the engine in place)."""
+    fmt = Format.parse(fmt)
     arch = load_architecture(model_dir)
     tensors = inspect_checkpoint(model_dir)
-    if fmt == "plain" and stock_width(arch, width, 1) != width:
+    if fmt is Format.PLAIN and formats.stock_width(arch, width, 1) != width:
         raise ValueError(f"width {width} is not a valid hidden size for a stock {arch.model_type}")
     widths = plan_widths(arch, fmt, width, slice_head)
     names, arrays = rotation_arrays(fmt, rotations, widths, arch)
     ops = model_ops(arch, fmt, names, widths, tensors)
     facts = {
-        "version": _version(),
-        "format": fmt,
+        "version": package_version(),
+        "format": fmt.value,
         "hidden_size": width,
         "original_hidden_size": arch.hidden_size,
         "effective_sparsity": 1 - width / arch.hidden_size,
         "slice_head": widths.head != arch.hidden_size,
-        "shortcuts": fmt == "slicegpt",
+        "shortcuts": fmt is Format.SLICEGPT,
         **(provenance or {}),
     }
-    if fmt == "plain":
+    if fmt is Format.PLAIN:
         config = formats.plain_config(arch, width, facts)
     else:
         config = formats.slicegpt_config(arch, widths, facts)
@@ -168,25 +119,12 @@ def write_sliced_model(
         out_dir,
         ops,
         arrays,
-        extra_files=formats.output_files(config, fmt),
-        max_shard_size=max_shard_size,
-        memory_budget=memory_budget,
+        extra_files=formats.output_files(config, fmt.value),
+        memory_budget=engine_budget(memory_budget),
         precision=precision,
         overwrite=overwrite,
         progress=progress,
     )
-
-
-def _version() -> str:
-    from dimcut import __version__
-
-    return __version__
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def slice_model(
@@ -194,7 +132,7 @@ def slice_model(
     sparsity: float,
     out_dir: str | Path,
     *,
-    fmt: str = "slicegpt",
+    fmt: Format | str = Format.SLICEGPT,
     calib: str | None = None,
     nsamples: int = 128,
     seqlen: int = 2048,
@@ -205,31 +143,31 @@ def slice_model(
     rotations_file: str | Path | None = None,
     save_rotations: str | Path | None = None,
     overwrite: bool = False,
-    memory_budget: int = 2 * 2**30,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     precision: str = "f32",
     progress: bool = True,
     resume: bool = False,
 ) -> SliceResult:
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
 
-    `resume=True` keeps calibration state after every layer in `<out_dir>.dimcut-resume/` and
-    continues from it when it exists; it is removed once the output is complete.
+    `memory_budget` (bytes) bounds what dimcut itself holds: calibration activations beyond half
+    of it spill to disk, the engine's tiles use a quarter. `resume=True` keeps calibration state
+    after every layer in `<out_dir>.dimcut-resume/` and continues from it when it exists; it is
+    removed once the output is complete.
     """
-    from dimcut import _hooks, calibration
-    from dimcut.architectures import check_weights
-    from dimcut.engine import inspect_checkpoint
-
     started = time.perf_counter()
+    fmt = Format.parse(fmt)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     arch = load_architecture(model_dir)
     width = sliced_width(arch.hidden_size, sparsity, round_to)
-    if fmt == "plain":
-        width = stock_width(arch, width, round_to)
+    if fmt is Format.PLAIN:
+        width = formats.stock_width(arch, width, round_to)
     _check_output(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
     if rotations_file is not None:
-        found = calibration.load_rotations(rotations_file, arch, fmt, width, model_dir=model_dir)
+        widths = plan_widths(arch, fmt, width, slice_head)
+        found = calibration.load_rotations(rotations_file, arch, fmt, widths, model_dir=model_dir)
     else:
         found = calibration.calibrate(
             model_dir,
@@ -244,46 +182,52 @@ def slice_model(
             memory_budget=memory_budget,
             progress=progress,
             resume_dir=resume_dir if resume else None,
+            rotations_dir=out_dir.parent,
         )
-        if save_rotations is not None:
+    try:
+        if save_rotations is not None and rotations_file is None:
             calibration.save_rotations(save_rotations, found)
-    provenance = {
-        "sparsity": sparsity,
-        "round_to": round_to,
-        "source_model": str(model_dir.resolve()),
-        "rotation_source": str(rotations_file) if rotations_file else "calibration",
-        "calibration": found.record,
-    }
-    write_sliced_model(
-        model_dir,
-        out_dir,
-        fmt=fmt,
-        rotations=found.rotations,
-        width=width,
-        slice_head=slice_head,
-        provenance=provenance,
-        overwrite=overwrite,
-        precision=precision,
-        progress=progress,
-    )
+        provenance = {
+            "sparsity": sparsity,
+            "round_to": round_to,
+            "source_model": str(model_dir.resolve()),
+            "rotation_source": str(rotations_file) if rotations_file else "calibration",
+            "calibration": found.record,
+        }
+        rewrite_started = time.perf_counter()
+        write_sliced_model(
+            model_dir,
+            out_dir,
+            fmt=fmt,
+            rotations=found.rotations,
+            width=width,
+            slice_head=slice_head,
+            provenance=provenance,
+            overwrite=overwrite,
+            memory_budget=memory_budget,
+            precision=precision,
+            progress=progress,
+        )
+        rewrite_seconds = time.perf_counter() - rewrite_started
+    finally:
+        found.close()
     if resume_dir.is_dir():
-        import shutil
-
         shutil.rmtree(resume_dir, ignore_errors=True)  # the output is complete: state is moot
     _hooks.reached("written", 1)
-    before = formats.count_parameters(model_dir)["total"]
+    timings = {**found.timings, "rewrite": rewrite_seconds}
     return SliceResult(
         output=out_dir,
-        format=fmt,
+        format=fmt.value,
         sparsity=sparsity,
         hidden_size=width,
         original_hidden_size=arch.hidden_size,
-        parameters_before=before,
+        parameters_before=formats.count_parameters(model_dir)["total"],
         parameters=formats.count_parameters(out_dir),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         calibration=found.record,
         retained_variance=found.retained_variance(width),
+        timings=timings,
     )
 
 
@@ -298,8 +242,6 @@ def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"-o {out_dir}: the parent directory {dst.parent} does not exist")
     # Probe that the output location is writable (read-only file system, permissions) before
     # spending time on calibration; the engine writes a temporary directory there too.
-    import tempfile
-
     try:
         Path(tempfile.mkdtemp(prefix=f".{dst.name}.dimcut-probe-", dir=dst.parent)).rmdir()
     except OSError as exc:
@@ -333,8 +275,8 @@ def add_commands(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     parser.add_argument(
         "--format",
-        choices=("slicegpt", "plain"),
-        default="slicegpt",
+        choices=[f.value for f in Format],
+        default=Format.SLICEGPT.value,
         help="slicegpt: per-layer rotations + shortcut matrices (faithful; loads with `import dimcut` "
         "or trust_remote_code). plain: one rotation, a stock config of width d that loads "
         "anywhere (default: slicegpt)",
@@ -350,7 +292,12 @@ def add_commands(subparsers) -> None:
         "--nsamples", type=int, default=128, help="calibration sequences (default 128)"
     )
     parser.add_argument(
-        "--seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)"
+        "--calib-seqlen",
+        "--seqlen",  # the 0.1 spelling, kept for one release
+        dest="calib_seqlen",
+        type=int,
+        default=2048,
+        help="tokens per calibration sequence (default 2048; --seqlen is a deprecated alias)",
     )
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     parser.add_argument(
@@ -363,16 +310,20 @@ def add_commands(subparsers) -> None:
         "--slice-head", action="store_true", help="also slice the final norm and head (slicegpt)"
     )
     parser.add_argument(
-        "--rotations", default=None, help="reuse rotations saved by --save-rotations"
+        "--rotations", default=None, help="reuse rotations saved by --save-rotations (a directory)"
     )
     parser.add_argument(
-        "--save-rotations", default=None, help="store the computed rotations (.npz)"
+        "--save-rotations",
+        default=None,
+        help="store the computed rotations in this directory (one .npy per rotation)",
     )
     parser.add_argument(
         "--memory-budget",
         type=float,
-        default=2.0,
-        help="GiB of calibration activations kept in RAM before spilling to disk (default 2)",
+        default=DEFAULT_MEMORY_BUDGET / GIB,
+        help="GiB dimcut itself may hold beyond the interpreter and one decoder block's weights: "
+        "calibration activations above half of it spill to disk, the weight rewrite's tiles get "
+        f"a quarter (default {DEFAULT_MEMORY_BUDGET / GIB:g}, which fits an 8 GiB laptop)",
     )
     parser.add_argument(
         "--precision",
@@ -407,9 +358,7 @@ def _run_slice(args) -> int:
     try:
         result = _slice_from_args(args)
     except KeyboardInterrupt:
-        from dimcut.calibration import RESUME_STATE, resume_dir_for
-
-        state = resume_dir_for(args.output) / RESUME_STATE
+        state = calibration.resume_dir_for(args.output) / calibration.STATE_FILE
         if args.resume and state.is_file():
             print(
                 f"dimcut slice: calibration state kept in {state.parent}; rerun the same command "
@@ -429,7 +378,7 @@ def _slice_from_args(args) -> SliceResult:
         fmt=args.format,
         calib=args.calib,
         nsamples=args.nsamples,
-        seqlen=args.seqlen,
+        seqlen=args.calib_seqlen,
         seed=args.seed,
         device=args.device,
         round_to=args.round_to,
@@ -437,7 +386,7 @@ def _slice_from_args(args) -> SliceResult:
         rotations_file=args.rotations,
         save_rotations=args.save_rotations,
         overwrite=args.overwrite,
-        memory_budget=int(args.memory_budget * 2**30),
+        memory_budget=int(args.memory_budget * GIB),
         precision=args.precision,
         progress=not args.quiet,
         resume=args.resume,

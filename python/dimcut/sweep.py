@@ -3,7 +3,7 @@
 Layout of RUNS/: `dense.json` and `s<sparsity>.json` results records (written atomically as each
 point finishes, so a crash loses at most the point in progress), `models/s<sparsity>/` sliced
 checkpoints while being evaluated (kept with --keep-models), and for the plain format
-`rotations-plain.npz`, computed once and reused by every point.
+`rotations-plain/`, computed once and reused by every point made with the same calibration.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from dimcut.evaluation import SCHEMA, evaluate, write_results
+from dimcut.plan import Format
 
-PLAIN_ROTATIONS = "rotations-plain.npz"
+PLAIN_ROTATIONS = "rotations-plain"
 
 
 def point_name(sparsity: float) -> str:
@@ -55,7 +56,7 @@ def sweep(
     """Run (or resume) a sweep; returns the record paths, dense first."""
     from tqdm.auto import tqdm
 
-    from dimcut.calibration import calibrate, save_rotations
+    from dimcut import calibration
     from dimcut.slicing import slice_model
 
     model_dir, runs_dir = Path(model_dir), Path(runs_dir)
@@ -70,17 +71,26 @@ def sweep(
         print(f"resuming: {len(points) - len(todo)} of {len(points)} points already finished")
     fmt = slice_options.get("fmt", "slicegpt")
     rotations = runs_dir / PLAIN_ROTATIONS
-    if fmt == "plain" and any(s > 0 for s, _ in todo) and not rotations.is_file():
+    calibrate_options = {k: v for k, v in slice_options.items() if k in _CALIBRATE_KEYS}
+    wanted = {
+        "source": calibration.text.source_name(slice_options.get("calib")),
+        **{k: calibrate_options.get(k, DEFAULT_CALIBRATION[k]) for k in DEFAULT_CALIBRATION},
+    }
+    if fmt == "plain" and any(s > 0 for s, _ in todo) and not _reusable(rotations, wanted):
         # One calibration serves every sparsity: the plain rotation does not depend on s.
-        calibrated = calibrate(
+        calibrated = calibration.calibrate(
             model_dir,
             fmt="plain",
             width=0,
             source=slice_options.get("calib"),
-            **{k: v for k, v in slice_options.items() if k in _CALIBRATE_KEYS},
+            **calibrate_options,
             progress=progress,
+            rotations_dir=runs_dir,
         )
-        save_rotations(rotations, calibrated)
+        try:
+            calibration.save_rotations(rotations, calibrated)
+        finally:
+            calibrated.close()
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
     for sparsity, record_path in bar:
         bar.set_postfix_str(point_name(sparsity))
@@ -106,6 +116,20 @@ def sweep(
 
 
 _CALIBRATE_KEYS = {"nsamples", "seqlen", "seed", "device", "memory_budget"}
+# What a saved plain rotation must have been made with to be reused (slice_model's defaults).
+DEFAULT_CALIBRATION = {"nsamples": 128, "seqlen": 2048, "seed": 42}
+
+
+def _reusable(rotations: Path, wanted: dict) -> bool:
+    """Whether RUNS/rotations-plain/ was calibrated with these options (the model itself is
+    checked by its fingerprint when the rotations are loaded)."""
+    from dimcut.calibration.rotations import RECORD_FILE
+
+    try:
+        record = json.loads((rotations / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(record.get(key) == value for key, value in wanted.items())
 
 
 def add_commands(subparsers) -> None:
@@ -124,12 +148,19 @@ def add_commands(subparsers) -> None:
     parser.add_argument(
         "--sparsities", default="0.1,0.2,0.25,0.3,0.4", help="comma-separated s values in (0, 1)"
     )
-    parser.add_argument("--out", required=True, help="RUNS directory for records (and models)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        "--out",  # the 0.1 spelling, kept for one release
+        dest="output",
+        required=True,
+        help="RUNS directory for records (and models); --out is a deprecated alias",
+    )
     parser.add_argument("--label", help="model name for the laws (default: the directory name)")
     parser.add_argument("--keep-models", action="store_true", help="keep the sliced checkpoints")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     group = parser.add_argument_group("slicing")
-    group.add_argument("--format", choices=("slicegpt", "plain"), default="slicegpt")
+    group.add_argument("--format", choices=[f.value for f in Format], default=Format.SLICEGPT.value)
     group.add_argument("--calib", default=None, help="calibration text (default: built-in corpus)")
     group.add_argument("--nsamples", type=int, default=128)
     group.add_argument("--calib-seqlen", type=int, default=2048)
@@ -138,7 +169,14 @@ def add_commands(subparsers) -> None:
     group.add_argument("--slice-head", action="store_true")
     group = parser.add_argument_group("evaluation")
     group.add_argument("--ppl", default=DEFAULT_PPL_SOURCE, help="perplexity text source or 'none'")
-    group.add_argument("--seqlen", type=int, default=2048, help="perplexity window")
+    group.add_argument(
+        "--ppl-seqlen",
+        "--seqlen",  # the 0.1 spelling, kept for one release
+        dest="ppl_seqlen",
+        type=int,
+        default=2048,
+        help="perplexity window (--seqlen is a deprecated alias)",
+    )
     group.add_argument("--ppl-windows", type=int, default=None, help="only the first N windows")
     group.add_argument(
         "--tasks", default=",".join(DEFAULT_TASKS), help=f"from {', '.join(TASKS)}, or 'none'"
@@ -157,7 +195,7 @@ def _run_sweep(args) -> int:
     records = sweep(
         resolve_model(args.model),
         parse_sparsities(args.sparsities),
-        args.out,
+        args.output,
         slice_options={
             "fmt": args.format,
             "calib": args.calib,
@@ -170,7 +208,7 @@ def _run_sweep(args) -> int:
         },
         eval_options={
             "ppl": None if args.ppl == "none" else args.ppl,
-            "seqlen": args.seqlen,
+            "seqlen": args.ppl_seqlen,
             "ppl_windows": args.ppl_windows,
             "tasks": tasks,
             "task_data": args.task_data,
@@ -182,5 +220,5 @@ def _run_sweep(args) -> int:
         keep_models=args.keep_models,
         progress=not args.quiet,
     )
-    print(f"{len(records)} records in {args.out}; fit them with `dimcut fit {args.out}`")
+    print(f"{len(records)} records in {args.output}; fit them with `dimcut fit {args.output}`")
     return 0

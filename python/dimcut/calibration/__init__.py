@@ -1,0 +1,34 @@
+"""Calibration: sample text, stream the model half a layer at a time, compute PCA rotations.
+
+Modules, in the order data flows: `text` (sampling) → `layers` (streaming the stock decoder
+blocks) → `activations` (where the signals live between layers) → `pca` (covariances, eigh) →
+`rotations` (the on-disk rotation store, `--save-rotations`/`--rotations`) → `resume`
+(per-layer checkpoints) → `procedures` (the slicegpt and plain procedures).
+"""
+
+from dimcut.calibration.procedures import Timings, calibrate, streamed_forward
+from dimcut.calibration.resume import STATE_FILE, resume_dir_for
+from dimcut.calibration.rotations import (
+    Calibrated,
+    RotationStore,
+    load_rotations,
+    model_fingerprint,
+    save_rotations,
+)
+from dimcut.calibration.text import BUILTIN_SOURCE, calibration_documents, sample_sequences
+
+__all__ = [
+    "BUILTIN_SOURCE",
+    "STATE_FILE",
+    "Calibrated",
+    "RotationStore",
+    "Timings",
+    "calibrate",
+    "calibration_documents",
+    "load_rotations",
+    "model_fingerprint",
+    "resume_dir_for",
+    "sample_sequences",
+    "save_rotations",
+    "streamed_forward",
+]

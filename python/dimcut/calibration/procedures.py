@@ -1,0 +1,434 @@
+"""The calibration procedures: stream the model over the calibration tokens, one half-layer at a
+time, and compute the PCA rotations of the residual stream.
+
+- `slicegpt` format: SliceGPT's sequential procedure (docs/algorithm.md §3): the embedding PCA,
+  then per layer a PCA of the residual after attention and of the layer output, each computed on
+  the signals of the already-sliced earlier layers.
+- `plain` format: one Q from the summed covariances of every residual signal of the dense model.
+- `streamed_forward`: the same stream without PCA (the baseline calibration is compared with).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dimcut._core import DimcutError
+from dimcut.architectures import Architecture, load_architecture
+from dimcut.calibration.activations import (
+    SPILL_PREFIX,
+    ActivationStore,
+    remove_dead_temporaries,
+)
+from dimcut.calibration.layers import Block, LayerRunner, embed
+from dimcut.calibration.pca import Covariance
+from dimcut.calibration.resume import ResumeState
+from dimcut.calibration.rotations import (
+    TEMPORARY_PREFIX,
+    Calibrated,
+    RotationStore,
+    model_fingerprint,
+)
+from dimcut.calibration.text import calibration_documents, sample_sequences
+from dimcut.plan import PLAIN_ROTATION, Format, RotationNames, Widths, plan_widths
+from dimcut.runtime import DEFAULT_MEMORY_BUDGET, activation_budget, engine_budget, torch_device
+from dimcut.tokenizers import load_tokenizer
+
+MAX_BATCH_TOKENS = 16384  # tokens per forward: larger batches gain nothing on a CPU
+
+
+@dataclass
+class Timings:
+    """Where calibration time goes, in seconds (CUDA work is timed as launched, not finished)."""
+
+    read: float = 0.0  # weights read from the shards and converted to float32 (the engine)
+    embed: float = 0.0
+    forward: float = 0.0  # the decoder blocks themselves
+    project: float = 0.0  # projections onto the kept subspace (slicegpt)
+    covariance: float = 0.0
+    eigh: float = 0.0
+    activations: float = 0.0  # reading and writing the stored activations (disk when spilled)
+    total: float = 0.0
+    tokens: int = 0
+
+    @contextlib.contextmanager
+    def measure(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, phase, getattr(self, phase) + time.perf_counter() - started)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["tokens_per_second"] = self.tokens / self.total if self.total else None
+        return out
+
+
+def batch_tokens(arch: Architecture, memory_budget: int) -> int:
+    """Tokens per forward so that a block's float32 working set stays within an eighth of the
+    memory budget (an 8B MLP holds ≈ 220 KB per token: gate, up and their product)."""
+    per_token = 4 * (3 * arch.intermediate_size + 6 * arch.hidden_size)
+    return int(np.clip(memory_budget // 8 // per_token, 64, MAX_BATCH_TOKENS))
+
+
+@dataclass
+class _Stream:
+    """Everything one calibration run shares between its layers."""
+
+    model_dir: Path
+    arch: Architecture
+    runner: LayerRunner
+    tensors: dict
+    seqlen: int
+    tokens: int
+    batch: int
+    timings: Timings
+    resume: ResumeState | None
+    bar: object
+
+    def batches(self, block: Block):
+        """Token ranges: whole sequences for attention, any run of tokens for the MLP."""
+        step = self.batch if block is Block.MLP else max(1, self.batch // self.seqlen) * self.seqlen
+        for start in range(0, self.tokens, step):
+            yield slice(start, min(start + step, self.tokens))
+
+    def run_block(
+        self,
+        index: int,
+        block: Block,
+        source: ActivationStore,
+        target: ActivationStore,
+        covariance: Covariance | None,
+        project: Projector | None = None,
+    ) -> None:
+        """target ← x + f(x) for every token, x = P·source (`project`, or the identity),
+        accumulating the covariance of the result."""
+        timings, device, width = self.timings, self.runner.device, self.arch.hidden_size
+        with timings.measure("read"):
+            layer = self.runner.block(index, block, self.tensors)
+        with torch.inference_mode():
+            for rows in self.batches(block):
+                with timings.measure("activations"):
+                    x = torch.from_numpy(source.read(rows)).to(device)
+                if project is not None:
+                    with timings.measure("project"):
+                        x = project(x)
+                if block is Block.ATTENTION:
+                    x = x.view(-1, self.seqlen, width)
+                with timings.measure("forward"):
+                    residual = x + self.runner.run(layer, block, x)
+                residual = residual.view(-1, width)
+                if covariance is not None:
+                    with timings.measure("covariance"):
+                        covariance.add(residual)
+                with timings.measure("activations"):
+                    target.write(rows, residual.float().cpu().numpy())
+        del layer
+
+    def layer_done(self, layers_done: int, target: ActivationStore, **state) -> None:
+        """Checkpoint after a layer (when resumable), then advance the bar and the test hook."""
+        if self.resume is not None:
+            target.flush()
+            self.resume.save(layers_done, **state)
+        self.bar.update()
+        from dimcut import _hooks
+
+        _hooks.reached("calibration", layers_done)
+
+
+def calibrate(
+    model_dir: str | Path,
+    *,
+    fmt: Format | str,
+    width: int,
+    slice_head: bool = False,
+    source: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 42,
+    device: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = True,
+    resume_dir: str | Path | None = None,
+    rotations_dir: str | Path | None = None,
+) -> Calibrated:
+    """Compute the rotations of `fmt` for slicing `model_dir` to `width`.
+
+    Rotations are written as they are made into a `RotationStore`: in `resume_dir` when given
+    (kept), else in a temporary directory inside `rotations_dir` (removed by
+    `Calibrated.close()`). With `resume_dir`, the state after every decoder layer is kept and a
+    later call with the same arguments continues after the last completed layer; the result is
+    bit-identical to an uninterrupted run.
+    """
+    fmt = Format.parse(fmt)
+    model_dir = Path(model_dir)
+    arch = load_architecture(model_dir)
+    widths = plan_widths(arch, fmt, width, slice_head)
+    identity = {"format": fmt.value, "width": width, "slice_head": widths.head != arch.hidden_size}
+    with _open_stream(
+        model_dir,
+        arch,
+        source,
+        nsamples,
+        seqlen,
+        seed,
+        device,
+        memory_budget,
+        progress,
+        resume_dir,
+        identity,
+    ) as (stream, record, stores):
+        if resume_dir is not None:
+            store = RotationStore(Path(resume_dir) / "rotations")
+            store.directory.mkdir(exist_ok=True)
+        else:
+            parent = Path(rotations_dir) if rotations_dir is not None else None
+            if parent is not None:
+                remove_dead_temporaries(parent, TEMPORARY_PREFIX)
+            store = RotationStore.create_temporary(parent)
+        try:
+            if fmt is Format.PLAIN:
+                _calibrate_plain(stream, stores, store)
+            else:
+                _calibrate_sequential(stream, stores, store, widths)
+        except BaseException:
+            store.close()
+            raise
+        record["activations_on_disk"] = any(s.on_disk for s in stores.values())
+        calibrated = Calibrated(store, store.eigenvalues(), record)
+    calibrated.timings = stream.timings.as_dict()
+    if width:
+        record["retained_variance"] = calibrated.retained_variance(width)
+    return calibrated
+
+
+def streamed_forward(
+    model_dir: str | Path,
+    *,
+    source: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 42,
+    device: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = True,
+) -> Timings:
+    """A dense forward of the calibration tokens streamed exactly as calibration streams them,
+    without PCA: what calibration's extra cost is measured against (`dimcut bench`)."""
+    model_dir = Path(model_dir)
+    arch = load_architecture(model_dir)
+    with _open_stream(
+        model_dir,
+        arch,
+        source,
+        nsamples,
+        seqlen,
+        seed,
+        device,
+        memory_budget,
+        progress,
+        None,
+        {"format": "forward"},
+    ) as (stream, _record, stores):
+        for index in range(arch.num_layers):
+            stream.run_block(index, Block.ATTENTION, stores["hidden-0"], stores["mid"], None)
+            stream.run_block(index, Block.MLP, stores["mid"], stores["hidden-0"], None)
+            stream.layer_done(index + 1, stores["hidden-0"])
+    return stream.timings
+
+
+@contextlib.contextmanager
+def _open_stream(
+    model_dir,
+    arch,
+    source,
+    nsamples,
+    seqlen,
+    seed,
+    device,
+    memory_budget,
+    progress,
+    resume_dir,
+    identity,
+):
+    """Sample and embed the tokens, open the activation stores; yields (stream, record, stores)."""
+    from tqdm.auto import tqdm
+
+    from dimcut.engine import inspect_checkpoint
+
+    started = time.perf_counter()
+    timings = Timings()
+    tensors = inspect_checkpoint(model_dir)
+    documents, source_name = calibration_documents(source)
+    tokenizer = load_tokenizer(model_dir)
+    tokens = sample_sequences(tokenizer, documents, nsamples, seqlen, seed)
+    timings.tokens = tokens.numel()
+    record = {
+        "source": source_name,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "token_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+        **identity,
+        "hidden_size": arch.hidden_size,
+        "num_layers": arch.num_layers,
+        "model_fingerprint": model_fingerprint(model_dir, tensors),
+    }
+    resume = ResumeState(Path(resume_dir), dict(record)) if resume_dir is not None else None
+    done = resume.layers_done if resume else 0
+    runner = LayerRunner(
+        model_dir, arch, torch_device(device), seqlen, engine_budget(memory_budget)
+    )
+    bar = tqdm(
+        total=arch.num_layers, initial=done, desc="calibrating", unit="layer", disable=not progress
+    )
+    remove_dead_temporaries(Path(tempfile.gettempdir()), SPILL_PREFIX)
+    names = ("hidden-0", "hidden-1", "mid") if resume else ("hidden-0", "mid")
+    if done:
+        _check_resumable(resume, tokens.numel() * arch.hidden_size * 4)
+    budget = activation_budget(memory_budget) // len(names)
+    stores: dict[str, ActivationStore] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{os.getpid()}-") as spill:
+            for name in names:
+                path = resume.activation_file(name) if resume else None
+                stores[name] = ActivationStore(
+                    tokens.numel(), arch.hidden_size, budget, Path(spill), path
+                )
+            stream = _Stream(
+                model_dir,
+                arch,
+                runner,
+                tensors,
+                seqlen,
+                tokens.numel(),
+                batch_tokens(arch, memory_budget),
+                timings,
+                resume,
+                bar,
+            )
+            if done == 0:
+                with timings.measure("embed"):
+                    flat = tokens.view(-1)
+                    for rows in stream.batches(Block.MLP):
+                        stores["hidden-0"].write(
+                            rows, embed(model_dir, flat[rows], tensors).numpy()
+                        )
+            yield stream, record, stores
+    finally:
+        for store in stores.values():
+            store.close()
+        bar.close()
+        timings.total = time.perf_counter() - started
+
+
+def _check_resumable(resume: ResumeState, nbytes: int) -> None:
+    current = resume.activation_file(f"hidden-{resume.layers_done % 2}")
+    if not current.is_file() or current.stat().st_size != nbytes:
+        raise DimcutError(
+            f"{resume.directory}: the activations of layer {resume.layers_done} are missing "
+            "or damaged; delete the directory to start over"
+        )
+
+
+def _hidden(stores: dict[str, ActivationStore], index: int) -> tuple[ActivationStore, ...]:
+    """(source, target) of layer `index`: alternating files when resumable, else one store."""
+    if "hidden-1" in stores:
+        return stores[f"hidden-{index % 2}"], stores[f"hidden-{(index + 1) % 2}"]
+    return stores["hidden-0"], stores["hidden-0"]
+
+
+def _calibrate_plain(stream: _Stream, stores: dict, store: RotationStore) -> None:
+    """Dense forward; one covariance summed over the embedding output and every residual."""
+    arch, timings = stream.arch, stream.timings
+    covariance = Covariance(arch.hidden_size, stream.runner.device)
+    done = stream.resume.layers_done if stream.resume else 0
+    if done:
+        covariance.matrix = torch.from_numpy(stream.resume.covariance()).to(covariance.matrix)
+    else:
+        _accumulate(stream, stores["hidden-0"], covariance)
+    for index in range(done, arch.num_layers):
+        source, target = _hidden(stores, index)
+        stream.run_block(index, Block.ATTENTION, source, stores["mid"], covariance)
+        stream.run_block(index, Block.MLP, stores["mid"], target, covariance)
+        stream.layer_done(index + 1, target, covariance=covariance.matrix.cpu().numpy())
+    with timings.measure("eigh"):
+        q, values = covariance.principal_axes("the residual stream")
+    store.put(PLAIN_ROTATION, q, values, arch.hidden_size)
+
+
+def _accumulate(stream: _Stream, store: ActivationStore, covariance: Covariance) -> None:
+    for rows in stream.batches(Block.MLP):
+        with stream.timings.measure("covariance"):
+            covariance.add(torch.from_numpy(store.read(rows)))
+
+
+def _calibrate_sequential(stream: _Stream, stores: dict, store: RotationStore, widths: Widths):
+    """SliceGPT (docs/algorithm.md §3): each PCA sees signals of the already-sliced earlier layers.
+
+    The stores hold full-width signals in the original basis. A block reads them as the sliced
+    model carries them, projected onto the kept directions of the incoming rotation, and writes
+    the full-width residual while accumulating its covariance: one pass per block.
+    """
+    arch, timings, device = stream.arch, stream.timings, stream.runner.device
+    names = RotationNames.per_layer(arch.num_layers)
+    done = stream.resume.layers_done if stream.resume else 0
+    full = arch.hidden_size
+
+    def pca(name: str, covariance: Covariance, keep: int) -> tuple[np.ndarray, float]:
+        """Store the rotation; return the whole Q and the fraction of energy kept."""
+        with timings.measure("eigh"):
+            q, values = covariance.principal_axes(f"signal {name}")
+        store.put(name, q, values, keep)
+        return q, float(values[:keep].sum() / values.sum()) if values.sum() > 0 else 1.0
+
+    if done == 0:
+        embedding = Covariance(full, device)
+        _accumulate(stream, stores["hidden-0"], embedding)
+        q, _ = pca(names.embedding, embedding, widths.embedding)
+    else:
+        q = stream.resume.rotation()  # whole, so the projection is computed as it was
+    for index in range(done, arch.num_layers):
+        source, target = _hidden(stores, index)
+        covariance = Covariance(full, device)
+        project = _projector(q, widths.layer_input(index), device)
+        stream.run_block(index, Block.ATTENTION, source, stores["mid"], covariance, project)
+        q, kept_mid = pca(names.mid[index], covariance, widths.mid[index])
+        covariance = Covariance(full, device)
+        project = _projector(q, widths.mid[index], device)
+        stream.run_block(index, Block.MLP, stores["mid"], target, covariance, project)
+        q, kept_out = pca(names.out[index], covariance, widths.out[index])
+        stream.bar.set_postfix_str(f"variance kept {kept_mid:.4f} / {kept_out:.4f}")
+        stream.layer_done(index + 1, target, rotation=q)
+
+
+class Projector:
+    """x ↦ P·x with P = Q_k Q_kᵀ, the projection onto a rotation's first k directions.
+
+    With the whole Q at hand and fewer cut directions than kept ones, P·x = x − Q_⊥ Q_⊥ᵀ x with
+    Q_⊥ = Q[:, k:] costs 4·D·(D − k) flops per token instead of 4·D·k (3× less at s = 0.25).
+    """
+
+    def __init__(self, q: np.ndarray, keep: int, device: torch.device):
+        self.complement = q.shape[1] > keep and q.shape[0] - keep < keep
+        columns = q[:, keep:] if self.complement else q[:, :keep]
+        self.basis = torch.tensor(np.asarray(columns), dtype=torch.float32, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.complement:
+            return x - (x @ self.basis) @ self.basis.T
+        return (x @ self.basis) @ self.basis.T
+
+
+def _projector(q: np.ndarray, keep: int, device: torch.device) -> Projector | None:
+    """The projection onto Q's first `keep` directions, or None when nothing is cut."""
+    return None if keep == q.shape[0] else Projector(q, keep, device)
