@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -329,3 +330,26 @@ def test_streamed_forward_is_timed(llama):
     timings = dimcut.calibration.streamed_forward(llama, nsamples=2, seqlen=32, progress=False)
     assert timings.tokens == 64 and timings.total >= timings.forward > 0
     assert timings.eigh == 0 and timings.covariance == 0
+
+
+@pytest.mark.parametrize("weighting", dimcut.Weighting.values())
+def test_every_plain_weighting_keeps_dense_logits_at_full_width(llama, weighting, tmp_path):
+    out = tmp_path / "out"
+    dimcut.slice_model(llama, 0.0, out, fmt="plain", weighting=weighting, **CALIB)
+    tokens = token_batch(llama)
+    reference = tiny_logits(llama, tokens)
+    error = (tiny_logits(out, tokens) - reference).abs().max() / reference.abs().max()
+    assert error < 1e-4, f"{weighting}: relative logit error {error:.2e}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dimcut"]["calibration"]["weighting"] == weighting
+
+
+def test_weightings_give_different_rotations(llama):
+    """rms and trace weigh the signals differently from the raw sum: the rotations differ."""
+    rotations = {
+        w: dimcut.calibrate(llama, fmt="plain", width=40, weighting=w, **CALIB).rotations["Q"]
+        for w in dimcut.Weighting.values()
+    }
+    for w in ("rms", "trace"):
+        overlap = np.abs(rotations["raw"][:, :40].T @ rotations[w][:, :40])
+        assert np.linalg.svd(overlap, compute_uv=False).min() < 0.999, w

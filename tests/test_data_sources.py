@@ -140,3 +140,10 @@ def test_wiki_offline_parts_are_disjoint_and_deterministic():
     assert all(doc.strip() for doc in test)
     with pytest.raises(ValueError, match="splits"):
         load_documents("wiki-offline", split="validation")
+
+
+def test_lambada_offline_is_the_fiction_passages_with_their_last_word():
+    docs = load_documents("lambada-offline")
+    assert len(docs) == 5153 and 1_600_000 < sum(map(len, docs)) < 1_700_000
+    assert docs[0].endswith("I don't care about signs")
+    assert source_key("lambada-offline") == source_key("lambada-offline", "train")

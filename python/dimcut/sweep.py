@@ -13,8 +13,10 @@ import shutil
 import time
 from pathlib import Path
 
+from dimcut import calibration
 from dimcut.evaluation import SCHEMA, evaluate, write_results
 from dimcut.plan import Format
+from dimcut.runtime import Device
 
 PLAIN_ROTATIONS = "rotations-plain"
 
@@ -56,7 +58,6 @@ def sweep(
     """Run (or resume) a sweep; returns the record paths, dense first."""
     from tqdm.auto import tqdm
 
-    from dimcut import calibration
     from dimcut.slicing import slice_model
 
     model_dir, runs_dir = Path(model_dir), Path(runs_dir)
@@ -75,6 +76,9 @@ def sweep(
     wanted = {
         "source": calibration.text.source_name(slice_options.get("calib")),
         **{k: calibrate_options.get(k, DEFAULT_CALIBRATION[k]) for k in DEFAULT_CALIBRATION},
+        "weighting": calibration.Weighting.parse(
+            calibrate_options.get("weighting", calibration.DEFAULT_WEIGHTING)
+        ).value,
     }
     if fmt == "plain" and any(s > 0 for s, _ in todo) and not _reusable(rotations, wanted):
         # One calibration serves every sparsity: the plain rotation does not depend on s.
@@ -115,7 +119,7 @@ def sweep(
     return records
 
 
-_CALIBRATE_KEYS = {"nsamples", "seqlen", "seed", "device", "memory_budget"}
+_CALIBRATE_KEYS = {"nsamples", "seqlen", "seed", "device", "memory_budget", "weighting"}
 # What a saved plain rotation must have been made with to be reused (slice_model's defaults).
 DEFAULT_CALIBRATION = {"nsamples": 128, "seqlen": 2048, "seed": 42}
 
@@ -162,7 +166,13 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--keep-models", action="store_true", help="keep the sliced checkpoints")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     group = parser.add_argument_group("slicing")
-    group.add_argument("--format", choices=[f.value for f in Format], default=Format.SLICEGPT.value)
+    group.add_argument("--format", choices=Format.values(), default=Format.SLICEGPT.value)
+    group.add_argument(
+        "--weighting",
+        choices=calibration.Weighting.values(),
+        default=calibration.DEFAULT_WEIGHTING.value,
+        help="plain format: how the rotation weighs the residual signals (see `dimcut slice`)",
+    )
     group.add_argument("--calib", default=None, help="calibration text (default: built-in corpus)")
     group.add_argument("--nsamples", type=int, default=128)
     group.add_argument("--calib-seqlen", type=int, default=2048)
@@ -186,7 +196,7 @@ def add_commands(subparsers) -> None:
     group.add_argument("--task-data", default=None)
     group.add_argument("--limit", type=int, default=None)
     group.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=Device.values(), default=Device.AUTO.value)
     parser.set_defaults(func=_run_sweep)
 
 
@@ -207,6 +217,7 @@ def _run_sweep(args) -> int:
             "device": args.device,
             "round_to": args.round_to,
             "slice_head": args.slice_head,
+            "weighting": args.weighting,
         },
         eval_options={
             "ppl": None if args.ppl == "none" else args.ppl,

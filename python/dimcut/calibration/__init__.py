@@ -6,7 +6,8 @@ blocks) → `activations` (where the signals live between layers) → `pca` (cov
 (per-layer checkpoints) → `procedures` (the slicegpt and plain procedures).
 """
 
-from dimcut.calibration.procedures import Timings, calibrate, streamed_forward
+from dimcut.calibration.pca import Weighting
+from dimcut.calibration.procedures import DEFAULT_WEIGHTING, Timings, calibrate, streamed_forward
 from dimcut.calibration.resume import STATE_FILE, resume_dir_for
 from dimcut.calibration.rotations import (
     Calibrated,
@@ -19,10 +20,12 @@ from dimcut.calibration.text import BUILTIN_SOURCE, calibration_documents, sampl
 
 __all__ = [
     "BUILTIN_SOURCE",
+    "DEFAULT_WEIGHTING",
     "STATE_FILE",
     "Calibrated",
     "RotationStore",
     "Timings",
+    "Weighting",
     "calibrate",
     "calibration_documents",
     "load_rotations",

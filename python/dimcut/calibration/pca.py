@@ -2,21 +2,48 @@
 
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 import torch
 
 from dimcut._core import DimcutError
+from dimcut.runtime import Choice
+
+
+@enum.unique
+class Weighting(Choice):
+    """How the plain format's one rotation weighs the residual signals it is the PCA of.
+
+    Every reader sees the residual through an RMSNorm, i.e. divided by its RMS, while the raw
+    sum lets the layers and tokens with the largest residual norms decide the rotation.
+    """
+
+    RAW = "raw"  # Σ over signals and tokens of x xᵀ
+    RMS = "rms"  # each token scaled to unit RMS first: what the norm-fed readers see
+    TRACE = "trace"  # each signal's covariance divided by its trace: every layer counts equally
 
 
 class Covariance:
-    """H = Σ x xᵀ over tokens in float64 (uncentred), accumulated as one flattened GEMM."""
+    """H = Σ x xᵀ over tokens in float64 (uncentred), accumulated as one flattened GEMM; with
+    `unit_rms`, of x / rms(x)."""
 
-    def __init__(self, width: int, device: torch.device | str = "cpu"):
+    def __init__(self, width: int, device: torch.device | str = "cpu", unit_rms: bool = False):
         self.matrix = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.unit_rms = unit_rms
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).to(self.matrix.device, torch.float64)
+        if self.unit_rms:
+            flat = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
         self.matrix.addmm_(flat.T, flat)
+
+    def add_signal(self, signal: Covariance, weighting: Weighting) -> None:
+        """Sum another signal's covariance into this one, normalised as `weighting` says."""
+        scale = 1.0
+        if weighting is Weighting.TRACE:
+            scale = 1.0 / max(float(signal.matrix.trace()), 1e-300)
+        self.matrix.add_(signal.matrix, alpha=scale)
 
     def principal_axes(self, what: str = "a signal") -> tuple[np.ndarray, np.ndarray]:
         """Eigenvectors (columns) sorted by descending eigenvalue, and the eigenvalues."""

@@ -29,7 +29,7 @@ from dimcut.calibration.activations import (
     remove_dead_temporaries,
 )
 from dimcut.calibration.layers import Block, LayerRunner, embed
-from dimcut.calibration.pca import Covariance
+from dimcut.calibration.pca import Covariance, Weighting
 from dimcut.calibration.resume import ResumeState
 from dimcut.calibration.rotations import (
     TEMPORARY_PREFIX,
@@ -42,6 +42,8 @@ from dimcut.plan import PLAIN_ROTATION, Format, RotationNames, Widths, plan_widt
 from dimcut.runtime import DEFAULT_MEMORY_BUDGET, activation_budget, engine_budget, torch_device
 from dimcut.tokenizers import load_tokenizer
 
+# The plain format's default, chosen by measurement (README "Better cuts at the same size").
+DEFAULT_WEIGHTING = Weighting.RMS
 MAX_BATCH_TOKENS = 16384  # tokens per forward: larger batches gain nothing on a CPU
 
 
@@ -160,12 +162,14 @@ def calibrate(
     progress: bool = True,
     resume_dir: str | Path | None = None,
     rotations_dir: str | Path | None = None,
+    weighting: Weighting | str = DEFAULT_WEIGHTING,
 ) -> Calibrated:
     """Compute the rotations of `fmt` for slicing `model_dir` to `width`.
 
     Rotations are written as they are made into a `RotationStore`: in `resume_dir` when given
     (kept), else in a temporary directory inside `rotations_dir` (removed by
-    `Calibrated.close()`). With `resume_dir`, the state after every decoder layer is kept and a
+    `Calibrated.close()`). `weighting` applies to the plain format's one rotation. With
+    `resume_dir`, the state after every decoder layer is kept and a
     later call with the same arguments continues after the last completed layer; the result is
     bit-identical to an uninterrupted run.
     """
@@ -174,6 +178,9 @@ def calibrate(
     arch = load_architecture(model_dir)
     widths = plan_widths(arch, fmt, width, slice_head)
     identity = {"format": fmt.value, "width": width, "slice_head": widths.head != arch.hidden_size}
+    weighting = Weighting.parse(weighting)
+    if fmt is Format.PLAIN:
+        identity["weighting"] = weighting.value
     with _open_stream(
         model_dir,
         arch,
@@ -197,7 +204,7 @@ def calibrate(
             store = RotationStore.create_temporary(parent)
         try:
             if fmt is Format.PLAIN:
-                _calibrate_plain(stream, stores, store)
+                _calibrate_plain(stream, stores, store, weighting)
             else:
                 _calibrate_sequential(stream, stores, store, widths)
         except BaseException:
@@ -347,22 +354,36 @@ def _hidden(stores: dict[str, ActivationStore], index: int) -> tuple[ActivationS
     return stores["hidden-0"], stores["hidden-0"]
 
 
-def _calibrate_plain(stream: _Stream, stores: dict, store: RotationStore) -> None:
-    """Dense forward; one covariance summed over the embedding output and every residual."""
-    arch, timings = stream.arch, stream.timings
-    covariance = Covariance(arch.hidden_size, stream.runner.device)
+def _calibrate_plain(
+    stream: _Stream, stores: dict, store: RotationStore, weighting: Weighting
+) -> None:
+    """Dense forward; one covariance summed over the embedding output and every residual,
+    each signal weighted as `weighting` says."""
+    arch, timings, device = stream.arch, stream.timings, stream.runner.device
+    total = Covariance(arch.hidden_size, device)
+
+    def signal() -> Covariance:
+        return Covariance(arch.hidden_size, device, unit_rms=weighting is Weighting.RMS)
+
     done = stream.resume.layers_done if stream.resume else 0
     if done:
-        covariance.matrix = torch.from_numpy(stream.resume.covariance()).to(covariance.matrix)
+        total.matrix = torch.from_numpy(stream.resume.covariance()).to(total.matrix)
     else:
-        _accumulate(stream, stores["hidden-0"], covariance)
+        embedding = signal()
+        _accumulate(stream, stores["hidden-0"], embedding)
+        total.add_signal(embedding, weighting)
     for index in range(done, arch.num_layers):
         source, target = _hidden(stores, index)
-        stream.run_block(index, Block.ATTENTION, source, stores["mid"], covariance)
-        stream.run_block(index, Block.MLP, stores["mid"], target, covariance)
-        stream.layer_done(index + 1, target, covariance=covariance.matrix.cpu().numpy())
+        for block, read, write in (
+            (Block.ATTENTION, source, stores["mid"]),
+            (Block.MLP, stores["mid"], target),
+        ):
+            covariance = signal()
+            stream.run_block(index, block, read, write, covariance)
+            total.add_signal(covariance, weighting)
+        stream.layer_done(index + 1, target, covariance=total.matrix.cpu().numpy())
     with timings.measure("eigh"):
-        q, values = covariance.principal_axes("the residual stream")
+        q, values = total.principal_axes("the residual stream")
     store.put(PLAIN_ROTATION, q, values, arch.hidden_size)
 
 
