@@ -70,7 +70,7 @@ fn shard_io(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(tensor.nbytes() as u64));
     group.bench_function("write 32 MiB shard in 1 MiB tiles (fsync)", |b| {
         b.iter(|| {
-            let files = ShardFiles::create(dir.path(), &layout).unwrap();
+            let files = ShardFiles::create(dir.path(), &layout, None).unwrap();
             let (shard, offset) = layout.location[0];
             for (i, chunk) in data.chunks(1 << 20).enumerate() {
                 files.write(shard, offset + i * (1 << 20), chunk).unwrap();

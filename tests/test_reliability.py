@@ -18,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import dimcut
+from dimcut import _hooks
 from dimcut.cli import main
 from tiny_models import save_tiny_model
 
@@ -458,17 +460,20 @@ def test_a_rust_panic_is_a_python_exception():
         _core._panic_for_test()
 
 
-def test_disk_full_is_reported_and_cleaned_up(pristine, tmp_path, capsys, monkeypatch):
+def test_disk_full_is_reported_and_cleaned_up(pristine, tmp_path, capsys):
     """Injected: the write fails mid-way, as on a full disk."""
     rotations = tmp_path / "q.npz"
     assert run(slice_args(pristine, tmp_path / "a", "--save-rotations", rotations), capsys)[0] == 0
-    monkeypatch.setenv("DIMCUT_FAULT_WRITE_AFTER", "50000")
-    refuse(
-        slice_args(pristine, tmp_path / "out", "--rotations", rotations),
-        capsys,
-        r"model.safetensors: No space left on device",
-        inputs=(pristine,),
-    )
+    _hooks.arm({_hooks.WRITE_FAULT_ENV: "50000"})
+    try:
+        refuse(
+            slice_args(pristine, tmp_path / "out", "--rotations", rotations),
+            capsys,
+            r"model.safetensors: No space left on device",
+            inputs=(pristine,),
+        )
+    finally:
+        _hooks.arm({})
 
 
 def test_real_full_file_system(pristine, tmp_path, capsys):
@@ -509,13 +514,29 @@ def test_a_locked_output_is_refused(pristine, tmp_path, capsys):
 # ------------------------------------------------------------------------ interrupted runs
 
 
-def cli(args: list, *, hook: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+def cli(
+    args: list,
+    *,
+    hook: str | None = None,
+    fail_writes_after: int | None = None,
+    environment: dict[str, str] | None = None,
+    **kwargs,
+) -> subprocess.CompletedProcess:
+    """The command line in a child process. A `hook` (a DIMCUT_TEST_SIGNAL value) or a write
+    fault runs it through the test entry point that arms them; `environment` adds variables."""
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "HF_HUB_OFFLINE": "1"}
-    env.pop("DIMCUT_FAULT_WRITE_AFTER", None)
+    for name in (_hooks.SIGNAL_ENV, _hooks.WRITE_FAULT_ENV):
+        env.pop(name, None)
+    env.update(environment or {})
+    entry = "dimcut.cli"
     if hook:
-        env["DIMCUT_TEST_SIGNAL"] = hook
+        env[_hooks.SIGNAL_ENV] = hook
+        entry = "dimcut._hooks"
+    if fail_writes_after is not None:
+        env[_hooks.WRITE_FAULT_ENV] = str(fail_writes_after)
+        entry = "dimcut._hooks"
     return subprocess.run(
-        [sys.executable, "-m", "dimcut.cli", *map(str, args)],
+        [sys.executable, "-m", entry, *map(str, args)],
         env=env,
         check=False,
         capture_output=True,
@@ -590,6 +611,57 @@ def test_concurrent_slices_of_one_output(pristine, tmp_path, capsys):
     assert main(["verify", str(out)]) == 0
 
 
+def test_the_plain_command_ignores_the_test_hook_variables(pristine, tmp_path):
+    stray = {_hooks.SIGNAL_ENV: "write:0:SIGKILL", _hooks.WRITE_FAULT_ENV: "0"}
+    out = tmp_path / "out"
+    result = cli(slice_args(pristine, out), environment=stray)
+    assert result.returncode == 0, result.stderr
+    assert main(["verify", str(out)]) == 0
+    # The same variable does fail a run started through the test entry point.
+    result = cli(slice_args(pristine, tmp_path / "faulty"), fail_writes_after=0)
+    assert result.returncode == 1 and "No space left on device" in result.stderr
+
+
+# Rotated tensors in memory, a column at a time: minutes of work unless a signal stops it.
+LONG_REWRITE_TENSORS = """
+import sys, time
+import numpy as np
+from dimcut.engine import TensorOp, rewrite_tensors
+
+q = np.linalg.qr(np.random.default_rng(0).standard_normal((1024, 1024)))[0]
+ops = [
+    TensorOp(name=f"w{i}", source="w", in_rotation="q", out_rotation="q", out_keep=8)
+    for i in range(10)
+]
+print("started", flush=True)
+try:
+    rewrite_tensors(sys.argv[1], ops, {"q": q}, memory_budget=1 << 16, threads=1)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+print("finished", flush=True)
+"""
+
+
+def test_ctrl_c_interrupts_rewrite_tensors(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    w = np.random.default_rng(1).standard_normal((1024, 1024)).astype(np.float32)
+    save_file({"w": w}, str(src / "model.safetensors"))
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    command = [sys.executable, "-c", LONG_REWRITE_TENSORS, str(src)]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout.readline() == "started\n"
+            time.sleep(1)
+            child.send_signal(signal.SIGINT)
+            # Stopped at the next tile, not after the whole plan.
+            assert child.wait(timeout=15) == 130
+            assert child.stdout.read() == "interrupted\n"
+        finally:
+            child.kill()
+
+
 # ------------------------------------------------------------------------------------ resume
 
 
@@ -654,6 +726,15 @@ def test_verify_catches_damaged_outputs(pristine, tmp_path, capsys):
     (out / "model.safetensors").write_bytes(bytes(data[:-10]))
     code, output = run(["verify", out], capsys)
     assert code == 1 and "FAIL  headers" in output and "truncated" in output
+
+
+@pytest.mark.parametrize("stray", ["tf_model.h5", "flax_model.msgpack", "pytorch_model.bin"])
+def test_verify_refuses_a_weight_file_the_manifest_does_not_list(stray, pristine, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(slice_args(pristine, out), capsys)[0] == 0
+    (out / stray).write_bytes(b"unsliced weights")
+    code, output = run(["verify", out], capsys)
+    assert code == 1 and f"{stray}: weight file not in the manifest" in output
 
 
 # ----------------------------------------------------------------------------- safe loading

@@ -5,6 +5,11 @@ from typing import Any
 
 import numpy as np
 
+# The manifest every output carries (file name, schema id), and the names of weight files.
+MANIFEST_FILE: str
+MANIFEST_SCHEMA: str
+WEIGHT_SUFFIXES: tuple[str, ...]
+
 class DimcutError(Exception):
     """A checkpoint or output problem the engine detected (or an internal engine failure)."""
 

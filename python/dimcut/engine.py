@@ -82,7 +82,7 @@ def rewrite_checkpoint(
     }
     engine_arrays, mapped = _engine_arrays(arrays)
     with _progress_callback(progress, f"writing {os.fspath(out_dir)}") as callback:
-        if os.environ.get(_hooks.ENV):
+        if _hooks.watches("write"):
             callback = _hooked(callback)
         stats = _core.rewrite_checkpoint(
             os.fspath(src_dir),
@@ -97,6 +97,7 @@ def rewrite_checkpoint(
             threads=threads,
             progress=callback,
             mapped=mapped,
+            **_hooks.engine_faults(),
         )
     return RewriteStats(**stats)
 

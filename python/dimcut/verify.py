@@ -19,9 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MANIFEST_FILE = "dimcut-manifest.json"
-MANIFEST_SCHEMA = "dimcut.manifest/1"
-WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+# Defined once, by the engine that writes the manifest and refuses to copy weight files.
+from dimcut._core import MANIFEST_FILE, MANIFEST_SCHEMA, WEIGHT_SUFFIXES
 
 
 @dataclass

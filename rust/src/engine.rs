@@ -1,7 +1,7 @@
 //! Runs a validated plan: streams every output tensor tile by tile from the memory-mapped
 //! checkpoint into shard files (or into memory), keeping working memory within the budget.
 
-use crate::checkpoint::{is_plain_file_name, Checkpoint, TensorEntry, INDEX_FILE};
+use crate::checkpoint::{is_plain_file_name, Checkpoint, TensorEntry};
 use crate::error::{io_error, DimcutError, Result};
 use crate::kernels::{
     decode_block, decode_vec, encode_into, matmul, ByteBlock, FloatDtype, MatRef, Real,
@@ -60,6 +60,9 @@ pub struct Options {
     pub overwrite: bool,
     /// Worker threads; `None` uses every core.
     pub threads: Option<usize>,
+    /// Test hook: every shard write fails with "no space left on device" once this many bytes
+    /// of tensor data were written, as on a full disk. Always `None` outside fault tests.
+    pub fail_writes_after: Option<u64>,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             precision: Precision::F32,
             overwrite: false,
             threads: None,
+            fail_writes_after: None,
         }
     }
 }
@@ -138,7 +142,7 @@ pub fn rewrite_checkpoint(
         })
         .collect();
     let layout = plan_layout(&outputs, options.max_shard_size)?;
-    let files = ShardFiles::create(staging.path(), &layout)?;
+    let files = ShardFiles::create(staging.path(), &layout, options.fail_writes_after)?;
     // A slice of the budget buffers output on its way to the writer thread.
     let chunk = (options.memory_budget / 16).clamp(1 << 16, MAX_COPY_CHUNK);
     let tile_budget = options
@@ -185,6 +189,7 @@ pub struct OutputValues {
 
 /// Computes the plan's tensors in memory. Values are rounded to each op's output dtype (so they
 /// equal what `rewrite_checkpoint` writes) and returned as f32, or f64 when `precision` is f64.
+/// `progress` is called after every tile, as by `rewrite_checkpoint` (an error stops the run).
 pub fn rewrite_tensors(
     src_dir: &Path,
     ops: &[TensorOp],
@@ -192,6 +197,7 @@ pub fn rewrite_tensors(
     precision: Precision,
     memory_budget: usize,
     threads: Option<usize>,
+    progress: Progress<'_>,
 ) -> Result<Vec<OutputValues>> {
     let checkpoint = Checkpoint::open(src_dir)?;
     let resolved = resolve(ops, &checkpoint, arrays, precision.dtype())?;
@@ -204,8 +210,8 @@ pub fn rewrite_tensors(
             op.name, op.dtype
         )));
     }
-    let mut ignore_progress = |_: u64, _: u64| Ok(());
-    let mut executor = Executor::new(&checkpoint, arrays, memory_budget, &mut ignore_progress);
+    let mut executor = Executor::new(&checkpoint, arrays, memory_budget, progress);
+    executor.total = resolved.iter().map(|op| op.nbytes() as u64).sum();
     in_pool(threads, || {
         resolved
             .iter()
@@ -267,20 +273,23 @@ fn in_pool<T: Send>(threads: Option<usize>, work: impl FnOnce() -> T + Send) -> 
     Ok(pool.install(work))
 }
 
+/// Names of weight files (safetensors, their index, other formats): an output never gets one
+/// it did not write, and `dimcut verify` refuses one its manifest does not list.
+pub const WEIGHT_SUFFIXES: [&str; 9] = [
+    ".safetensors",
+    ".index.json",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+];
+
 /// Other weight formats would hold the unsliced weights: never copy them.
 fn is_weight_file(name: &str) -> bool {
-    const WEIGHT_SUFFIXES: [&str; 9] = [
-        ".safetensors",
-        ".index.json",
-        ".bin",
-        ".pt",
-        ".pth",
-        ".ckpt",
-        ".h5",
-        ".msgpack",
-        ".gguf",
-    ];
-    name == INDEX_FILE || WEIGHT_SUFFIXES.iter().any(|suffix| name.ends_with(suffix))
+    WEIGHT_SUFFIXES.iter().any(|suffix| name.ends_with(suffix))
 }
 
 /// Copies the non-weight files of `src_dir` (config, tokenizer, ...), then writes `extra_files`.
@@ -844,11 +853,37 @@ mod tests {
             .flat_map(|row| row[..6].to_vec())
             .collect::<Vec<_>>();
 
+        // A failing progress callback stops the run after its first tile.
+        let mut calls = 0;
+        let mut stop = |_: u64, _: u64| {
+            calls += 1;
+            Err(DimcutError::Interrupted)
+        };
+        let stopped = rewrite_tensors(
+            dir.path(),
+            &ops,
+            &arrays,
+            Precision::F64,
+            0,
+            None,
+            &mut stop,
+        );
+        assert!(matches!(stopped, Err(DimcutError::Interrupted)));
+        assert_eq!(calls, 1);
+
         // Budgets from "one row/column at a time" to "everything at once".
+        let mut ignore = |_: u64, _: u64| Ok(());
         for budget in [0, 700, 5_000, 1 << 20] {
-            let outputs =
-                rewrite_tensors(dir.path(), &ops, &arrays, Precision::F64, budget, Some(2))
-                    .unwrap();
+            let outputs = rewrite_tensors(
+                dir.path(),
+                &ops,
+                &arrays,
+                Precision::F64,
+                budget,
+                Some(2),
+                &mut ignore,
+            )
+            .unwrap();
             let shapes: Vec<_> = outputs.iter().map(|o| o.shape.clone()).collect();
             assert_eq!(
                 shapes,
@@ -938,7 +973,17 @@ mod tests {
             },
         ];
         let run = |arrays: &Arrays<'_>| {
-            rewrite_tensors(dir.path(), &ops, arrays, Precision::F64, 1 << 20, Some(2)).unwrap()
+            let mut ignore = |_: u64, _: u64| Ok(());
+            rewrite_tensors(
+                dir.path(),
+                &ops,
+                arrays,
+                Precision::F64,
+                1 << 20,
+                Some(2),
+                &mut ignore,
+            )
+            .unwrap()
         };
         let expected = run(&arrays(&q_in, &q_out, Backing::Memory));
         let (in_file, out_file) = mapped.split_at(cols * cols);

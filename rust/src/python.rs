@@ -1,14 +1,15 @@
 //! The only pyo3 code: converts Python arguments, releases the GIL around the engine, and maps
 //! engine errors (and panics) to Python exceptions.
 
-use crate::engine::{self, Options, Precision, Stats, TensorValues};
+use crate::engine::{self, Options, Precision, Stats, TensorValues, WEIGHT_SUFFIXES};
 use crate::error::DimcutError as EngineError;
 use crate::plan::{ArrayData, ArrayRef, Arrays, Backing, Shortcut, TensorOp};
+use crate::writer::{MANIFEST_FILE, MANIFEST_SCHEMA};
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileExistsError, PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -309,11 +310,12 @@ fn stats_dict<'py>(py: Python<'py>, stats: &Stats) -> PyResult<Bound<'py, PyDict
 /// Writes the checkpoint a plan describes; see docs/plan-format.md. `mapped` names arrays that
 /// are views of read-only shared file maps (numpy `mmap_mode="r"`): their pages are dropped
 /// after each op that reads them. Never name anonymous memory there: dropping zeroes it.
+/// `_fail_writes_after` is a fault-injection hook for the test suite (`dimcut._hooks`) only.
 #[pyfunction]
 #[pyo3(signature = (
     src_dir, out_dir, ops, arrays, *, extra_files = None, max_shard_size = 5 << 30,
     memory_budget = 512 << 20, precision = "f32", overwrite = false, threads = None,
-    progress = None, mapped = Vec::new(),
+    progress = None, mapped = Vec::new(), _fail_writes_after = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn rewrite_checkpoint<'py>(
@@ -330,6 +332,7 @@ fn rewrite_checkpoint<'py>(
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
     mapped: Vec<String>,
+    _fail_writes_after: Option<u64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let ops = parse_ops(ops)?;
     let borrowed = BorrowedArrays::new(arrays)?;
@@ -341,6 +344,7 @@ fn rewrite_checkpoint<'py>(
         precision: precision.parse::<Precision>().map_err(to_py_err)?,
         overwrite,
         threads,
+        fail_writes_after: _fail_writes_after,
     };
     // After every tile: signals (Ctrl-C, SIGTERM) are checked by the calling thread, then the
     // callback runs with the GIL briefly reacquired; an exception either raised is re-raised
@@ -399,8 +403,21 @@ fn rewrite_tensors<'py>(
     let borrowed = BorrowedArrays::new(arrays)?;
     let arrays = borrowed.views(&mapped)?;
     let precision = precision.parse::<Precision>().map_err(to_py_err)?;
-    let outputs = run_interruptible(py, |_signals| {
-        engine::rewrite_tensors(&src_dir, &ops, &arrays, precision, memory_budget, threads)
+    // Signals (Ctrl-C, SIGTERM) are checked after every tile, as by `rewrite_checkpoint`.
+    let outputs = run_interruptible(py, |signals| {
+        let mut check = |_: u64, _: u64| match signals.interrupted() {
+            true => Err(EngineError::Interrupted),
+            false => Ok(()),
+        };
+        engine::rewrite_tensors(
+            &src_dir,
+            &ops,
+            &arrays,
+            precision,
+            memory_budget,
+            threads,
+            &mut check,
+        )
     })?;
     let result = PyDict::new(py);
     for output in outputs {
@@ -438,6 +455,12 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
 #[pyo3(name = "_core")]
 fn core_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("DimcutError", module.py().get_type::<DimcutError>())?;
+    module.add("MANIFEST_FILE", MANIFEST_FILE)?;
+    module.add("MANIFEST_SCHEMA", MANIFEST_SCHEMA)?;
+    module.add(
+        "WEIGHT_SUFFIXES",
+        PyTuple::new(module.py(), WEIGHT_SUFFIXES)?,
+    )?;
     module.add_function(wrap_pyfunction!(rewrite_checkpoint, module)?)?;
     module.add_function(wrap_pyfunction!(rewrite_tensors, module)?)?;
     module.add_function(wrap_pyfunction!(inspect_checkpoint, module)?)?;

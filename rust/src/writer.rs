@@ -175,10 +175,6 @@ pub fn index_json(layout: &Layout, tensors: &[OutputTensor]) -> String {
     serde_json::to_string_pretty(&index).expect("JSON values always serialize")
 }
 
-/// Test hook: `DIMCUT_FAULT_WRITE_AFTER=N` makes every shard write fail with "no space left
-/// on device" once `N` bytes of tensor data were written, as a full disk would.
-pub const FAULT_ENV: &str = "DIMCUT_FAULT_WRITE_AFTER";
-
 /// Bytes written to a shard between two requests to start writing it back to disk.
 const WRITEBACK_STEP: u64 = 32 << 20;
 
@@ -186,6 +182,7 @@ const WRITEBACK_STEP: u64 = 32 << 20;
 pub struct ShardFiles {
     files: Vec<(PathBuf, File, Vec<Extent>)>,
     written: AtomicU64,
+    /// Test hook (`Options::fail_writes_after`): writes fail as on a full disk past this.
     fail_after: Option<u64>,
     /// Bytes written to each shard since its writeback was last started.
     unflushed: Vec<AtomicU64>,
@@ -194,7 +191,8 @@ pub struct ShardFiles {
 impl ShardFiles {
     /// Creates each shard at its final size (space reserved up front where the file system
     /// can, so a full disk is reported before any work) with its header in place.
-    pub fn create(dir: &Path, layout: &Layout) -> Result<Self> {
+    /// `fail_after` is the test hook `Options::fail_writes_after`.
+    pub fn create(dir: &Path, layout: &Layout, fail_after: Option<u64>) -> Result<Self> {
         let mut files = Vec::with_capacity(layout.shards.len());
         for shard in &layout.shards {
             let path = dir.join(&shard.file_name);
@@ -203,7 +201,6 @@ impl ShardFiles {
             write_at(&file, &shard.header, 0).map_err(io_error(&path))?;
             files.push((path, file, shard.extents.clone()));
         }
-        let fail_after = std::env::var(FAULT_ENV).ok().and_then(|v| v.parse().ok());
         let unflushed = files.iter().map(|_| AtomicU64::new(0)).collect();
         Ok(Self {
             files,
@@ -831,7 +828,7 @@ mod tests {
             tensor("b", Dtype::U8, &[60]),
         ];
         let layout = plan_layout(&tensors, 100).unwrap();
-        let files = ShardFiles::create(dir.path(), &layout).unwrap();
+        let files = ShardFiles::create(dir.path(), &layout, None).unwrap();
         let data: Vec<u8> = (0..160u8).collect();
         // Contiguous and out-of-order pieces, longer and shorter than a 7-byte chunk.
         let pieces = [(0, 30), (50, 100), (30, 50), (100, 103), (103, 160)];
