@@ -96,10 +96,16 @@ def test_bench_e2e_tiny_slices_verifies_and_times_every_phase(tmp_path, capsys):
     assert sliced["phases"]["eigh"] > 0 and forward["phases"]["eigh"] == 0
     assert sliced["phases"]["rewrite"] > 0
     assert math.isclose(run["tokens_per_s_ratio"], sliced["tokens_per_s"] / forward["tokens_per_s"])
+    # Projection: eigh, reads and setup stay; the per-token phases grow with the tokens.
     phases = sliced["phases"]
-    fixed = phases["eigh"] + phases["read"]
-    expected = fixed + (phases["total"] - fixed) * report["reference_tokens"] / 64
+    per_token = sum(phases[k] for k in ("embed", "forward", "project", "covariance", "activations"))
+    expected = phases["total"] + per_token * (report["reference_tokens"] / 64 - 1)
     assert math.isclose(run["projected_calibration_seconds"], expected)
+    assert run["projected_calibration_seconds"] > phases["total"]
+    assert math.isclose(
+        run["projected_tokens_per_s_ratio"],
+        forward["projected_seconds"] / run["projected_calibration_seconds"],
+    )
     # The output is removed unless --keep; the checkpoint and its tokenizer stay for reuse.
     checkpoint = tmp_path / "w" / "llama-d64-l2-v256"
     assert (checkpoint / "tokenizer.json").is_file()
@@ -149,3 +155,107 @@ def test_importing_the_bench_does_not_import_torch():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+INFERENCE_TIMINGS = {
+    "first_token_s",
+    "prefill_tokens_per_s",
+    "decode_s",
+    "decode_tokens_per_s",
+    "decode_median_step_s",
+    "generate_s",
+}
+INFERENCE_FIELDS = {
+    "model_dir",
+    "format",
+    "sparsity",
+    "device",
+    "threads",
+    "parameters",
+    "flops",
+    "load_s",
+    "batches",
+    "batches_all",
+    "peak_rss_gib",
+    "rss_loaded_gib",
+    "rss_before_gib",
+}
+
+
+def test_bench_inference_tiny_dense_plain_and_slicegpt(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "inference.json"
+    argv = ["bench", "--suite", "inference", "--model-dir", str(tiny_llama_dir)]
+    argv += ["--nsamples", "2", "--seqlen", "32", "--prompt-tokens", "24", "--new-tokens", "4"]
+    argv += ["--batch-sizes", "2,1", "--workdir", str(tmp_path / "w"), "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    for row in ("dense", "plain-s25", "slicegpt-s25", "slicegpt-s25, shortcuts folded"):
+        assert f"| {row} |" in table, row
+    assert "slicegpt-s25 / plain-s25 decode" in table
+
+    assert report["suite"] == "inference" and report["batch_sizes"] == [1, 2]
+    assert report["reference"] == "dense" and report["slicing"]["nsamples"] == 2
+    assert "tokenizer" in report["prompts"] and len(report["machine"]["loadavg"]) == 3
+    rows = report["contenders"]
+    assert list(rows) == ["dense", "plain-s25", "slicegpt-s25"]
+    for name, row in rows.items():
+        assert INFERENCE_FIELDS <= set(row), INFERENCE_FIELDS - set(row)
+        assert row["device"] == "cpu" and row["peak_rss_gib"] >= row["rss_loaded_gib"] > 0
+        for timings in (row["batches"], *row["batches_all"]):
+            assert set(timings) == {"1", "2"}
+            for timing in timings.values():
+                assert set(timing) == INFERENCE_TIMINGS
+                assert all(value > 0 for value in timing.values()), (name, timing)
+                assert timing["generate_s"] > timing["first_token_s"] + timing["decode_s"] * 0.99
+    assert [rows[name]["format"] for name in rows] == ["dense", "plain", "slicegpt"]
+
+    # Parameters from the headers; shortcuts only in slicegpt (2 per layer, d×d or d×D).
+    dense, plain, sliced = (rows[name] for name in ("dense", "plain-s25", "slicegpt-s25"))
+    layers, hidden, width = 2, 64, 48
+    assert plain["parameters"]["hidden_size"] == sliced["parameters"]["hidden_size"] == width
+    assert plain["parameters"]["shortcuts"] == plain["flops"]["shortcut_parameters"] == 0
+    shortcuts = (2 * layers - 1) * width * width + width * hidden  # the last one feeds the head
+    assert sliced["parameters"]["shortcuts"] == sliced["flops"]["shortcut_parameters"] == shortcuts
+    assert plain["parameters"]["total"] < dense["parameters"]["total"]
+    folded = sliced["folded"]
+    assert (folded["folded_shortcuts"], folded["kept_shortcuts"]) == (2 * layers - 1, 1)
+    assert folded["flops"]["shortcut_parameters"] == width * hidden
+    assert sliced["flops"]["decode_flops_per_token"] - folded["flops"][
+        "decode_flops_per_token"
+    ] == (2 * (2 * layers - 1) * width * width)
+
+    (pair,) = report["shortcuts"]
+    assert (pair["slicegpt"], pair["plain"]) == ("slicegpt-s25", "plain-s25")
+    for batch in ("1", "2"):
+        expected = (
+            sliced["batches"][batch]["decode_tokens_per_s"]
+            / plain["batches"][batch]["decode_tokens_per_s"]
+        )
+        assert math.isclose(pair["decode_ratio"][batch], expected)
+    assert 0 < pair["shortcut_flop_share"] < pair["shortcut_weight_share"] < 1
+    ratios = report["ratios"]["plain-s25"]
+    assert math.isclose(
+        ratios["parameter_ratio"], plain["parameters"]["total"] / dense["parameters"]["total"]
+    )
+    assert report["ratios"]["dense"]["decode_speedup"] == {"1": 1.0, "2": 1.0}
+    assert (tmp_path / "w" / "slicegpt-s25" / "config.json").is_file()  # --workdir keeps slices
+
+
+def test_bench_inference_refuses_bad_models_and_foreign_slices(tiny_llama_dir, tmp_path, capsys):
+    base = ["bench", "--suite", "inference", "--json", str(tmp_path / "x.json")]
+    assert main([*base, "--models", f"dense{tiny_llama_dir}"]) == 1
+    assert "--models: expected name=DIR" in capsys.readouterr().err
+    assert main([*base, "--models", f"a={tiny_llama_dir},a={tiny_llama_dir}"]) == 1
+    assert "repeated: a" in capsys.readouterr().err
+    assert main([*base, "--models", f"a={tmp_path}"]) == 1
+    assert "no config.json" in capsys.readouterr().err
+    # A slice in --workdir made from other inputs is not reused, nor overwritten.
+    foreign = tmp_path / "w" / "plain-s25"
+    foreign.mkdir(parents=True)
+    (foreign / "config.json").write_text(json.dumps({"dimcut": {"format": "plain"}}))
+    argv = [*base, "--model-dir", str(tiny_llama_dir), "--workdir", str(tmp_path / "w")]
+    assert main([*argv, "--formats", "plain"]) == 1
+    assert "holds another slice" in capsys.readouterr().err
+    assert main([*argv, "--formats", "plain", "--sparsities", "1.5"]) == 1
+    assert "--sparsities" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from pathlib import Path
 from dimcut.bench.calibration import run_calibration
 from dimcut.bench.checkpoints import PRESETS
 from dimcut.bench.e2e import run_e2e
+from dimcut.bench.inference import format_inference, run_inference
 from dimcut.bench.report import format_table, passed, write_json
 from dimcut.bench.slicing import CONTENDERS as SLICING_CONTENDERS
 from dimcut.bench.slicing import run_slicing
@@ -17,8 +18,13 @@ DESCRIPTION = (
     "Benchmark dimcut: `slicing` (the engine against a PyTorch baseline and the GEMM limit), "
     "`calibration` (calibrate against a transformers forward on a real checkpoint), `e2e` "
     "(slice_model on a synthetic checkpoint of a real shape against the same streamed forward "
-    "without PCA). Each contender runs in its own process; peak RSS is its own."
+    "without PCA), `inference` (prefill, first-token latency and decode speed of dense and "
+    "sliced models). Each contender runs in its own process; peak RSS is its own."
 )
+# Calibration size per suite when --nsamples/--seqlen are not given: SliceGPT's for the suites
+# that measure calibration, a small one where slicing only makes the inference contenders.
+CALIBRATION_DEFAULTS = {"inference": (16, 512)}
+SLICEGPT_CALIBRATION = (128, 2048)
 
 
 def layer_counts(value: str) -> list[int]:
@@ -34,7 +40,7 @@ def layer_counts(value: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
-        choices=("slicing", "calibration", "e2e"),
+        choices=("slicing", "calibration", "e2e", "inference"),
         default="slicing",
         help="what to measure",
     )
@@ -64,26 +70,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep outputs and temp files")
     parser.add_argument("--json", type=Path, default=JSON_DEFAULT, help="write results here")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
-    calib = parser.add_argument_group("calibration and e2e suites")
+    calib = parser.add_argument_group("calibration, e2e and inference suites")
     calib.add_argument(
         "--model-dir",
         default="~/.cache/dimcut/SmolLM2-135M-Instruct",
-        help="dense checkpoint (calibration suite)",
+        help="dense checkpoint (calibration suite; inference suite: sliced first, a zoo alias "
+        "such as smollm2 works)",
     )
-    calib.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    calib.add_argument("--seqlen", type=int, default=2048, help="tokens per sequence")
+    calib.add_argument(
+        "--nsamples", type=int, help="calibration sequences (default 128; inference suite: 16)"
+    )
+    calib.add_argument(
+        "--seqlen", type=int, help="tokens per sequence (default 2048; inference suite: 512)"
+    )
     calib.add_argument("--width", type=int, default=432, help="sliced width (calibration suite)")
+    infer = parser.add_argument_group("inference suite")
+    infer.add_argument(
+        "--models",
+        help="name=DIR,... checkpoints to compare (dense or sliced, either format; zoo aliases "
+        "work); default: --model-dir and its slices at --sparsities × --formats",
+    )
+    infer.add_argument("--sparsities", default="0.25", help="slice --model-dir at these")
+    infer.add_argument("--formats", default="plain,slicegpt", help="... in these formats")
+    infer.add_argument("--prompt-tokens", type=int, default=512, help="tokens per prompt")
+    infer.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated")
+    infer.add_argument("--batch-sizes", default="1,8", help="decode batch sizes")
+    infer.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    infer.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     say = print if not args.quiet else (lambda *a, **k: None)
+    nsamples, seqlen = CALIBRATION_DEFAULTS.get(args.suite, SLICEGPT_CALIBRATION)
+    args.nsamples = nsamples if args.nsamples is None else args.nsamples
+    args.seqlen = seqlen if args.seqlen is None else args.seqlen
     if args.suite == "calibration":
         report = run_calibration(args)
     elif args.suite == "e2e":
         report = run_e2e(args, say)
+    elif args.suite == "inference":
+        report = run_inference(args, say)
     else:
         report = run_slicing(args, say)
-    print(format_table(report))
+    print(format_inference(report) if args.suite == "inference" else format_table(report))
     write_json(report, args.json)
     print(f"wrote {args.json}")
     return 0 if passed(report) else 1
