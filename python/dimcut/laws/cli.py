@@ -50,7 +50,14 @@ def add_commands(subparsers) -> None:
         metavar="RUNS",
         help="results files, or directories searched recursively for them",
     )
-    fit.add_argument("--out", metavar="FIT_JSON", help="write the fits as JSON (e.g. fit.json)")
+    fit.add_argument(
+        "-o",
+        "--output",
+        "--out",  # the 0.1 spelling, kept for one release
+        dest="output",
+        metavar="FIT_JSON",
+        help="write the fits as JSON (e.g. fit.json); --out is a deprecated alias",
+    )
     fit.add_argument("--markdown", metavar="FIT_MD", help="write the table as Markdown")
     fit.add_argument(
         "--plot",
@@ -125,9 +132,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         load_records(args.runs), fixed_intercept=args.fixed_intercept, labels=args.label
     )
     print(report.table(), end="")
-    if args.out:
-        report.save(args.out)
-        print(f"wrote {args.out}")
+    if args.output:
+        report.save(args.output)
+        print(f"wrote {args.output}")
     if args.markdown:
         text = report.markdown()
         atomic_write_text(args.markdown, text)
