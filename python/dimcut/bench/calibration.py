@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dimcut.bench.workers import machine, run_worker, set_torch_threads
+from dimcut.bench.workers import import_tokenizers, machine, run_worker, set_torch_threads
 from dimcut.runtime import peak_rss_bytes
 
 
@@ -17,6 +17,7 @@ def worker_calibrate(workdir: Path, params: dict) -> dict:
     from dimcut.calibration import calibrate
 
     set_torch_threads(params)
+    import_tokenizers()
     rss_before = peak_rss_bytes()
     start = time.perf_counter()
     calibrated = calibrate(

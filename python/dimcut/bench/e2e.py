@@ -10,8 +10,9 @@ fresh subprocess so that its peak RSS (VmHWM) is its own:
              output (in another process, outside the slice's peak);
 - `forward`: `streamed_forward(checkpoint, nsamples, seqlen)`; its per-phase timings.
 
-Calibration's cost is projected to SliceGPT's 128×2048 tokens from a shorter run: eigh and the
-weight reads do not depend on the token count, every other phase scales linearly with it.
+Calibration's cost is projected to SliceGPT's 128×2048 tokens from a shorter run: the per-token
+phases (embed, forward, project, covariance, activations) scale linearly with the token count;
+eigh, the weight reads and the setup (tokenizer, sampling) do not.
 """
 
 from __future__ import annotations
@@ -23,22 +24,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dimcut.bench.checkpoints import KEEP_FRACTION, PRESETS, Shape, ensure_checkpoint
-from dimcut.bench.workers import machine, run_worker, set_torch_threads
+from dimcut.bench.workers import import_tokenizers, machine, run_worker, set_torch_threads
 from dimcut.runtime import DEFAULT_MEMORY_BUDGET, peak_rss_bytes
 
 SPARSITY = 1 - KEEP_FRACTION
 # SliceGPT's calibration: 128 sequences of 2048 tokens.
 REFERENCE_TOKENS = 128 * 2048
-# Phases that do not grow with the token count (one eigh per PCA signal, one read per block).
-FIXED_PHASES = ("eigh", "read")
+# Phases whose time is proportional to the token count; the others (one eigh per PCA signal,
+# one weight read per block) and the setup outside every phase do not depend on it.
+PER_TOKEN_PHASES = ("embed", "forward", "project", "covariance", "activations")
 PHASES = ("read", "embed", "forward", "project", "covariance", "eigh", "activations")
-
-
-def import_tokenizers() -> None:
-    """Import transformers' tokenizer classes before the clock starts: `dimcut.slicing` imports
-    them, `streamed_forward` only on first use (≈ 8 s here), and imports are not what the two
-    wall times compare."""
-    from transformers import AutoTokenizer  # noqa: F401
+PROJECTION = "total + (embed + forward + project + covariance + activations) × (T / tokens − 1)"
 
 
 def worker_slice(workdir: Path, params: dict) -> dict:
@@ -98,10 +94,10 @@ def worker_verify(workdir: Path, params: dict) -> dict:
 CONTENDERS = {"slice": worker_slice, "forward": worker_forward}
 
 
-def project(timings: dict, tokens: int) -> float:
-    """Seconds of the same run at REFERENCE_TOKENS: fixed + (total − fixed) × T_ref / T."""
-    fixed = sum(timings[phase] for phase in FIXED_PHASES)
-    return fixed + (timings["total"] - fixed) * REFERENCE_TOKENS / tokens
+def project(timings: dict) -> float:
+    """Seconds of the same run with REFERENCE_TOKENS tokens (PROJECTION)."""
+    per_token = sum(timings[phase] for phase in PER_TOKEN_PHASES)
+    return timings["total"] + per_token * (REFERENCE_TOKENS / timings["tokens"] - 1)
 
 
 def contender_row(result: dict) -> dict:
@@ -111,7 +107,7 @@ def contender_row(result: dict) -> dict:
         "phases": timings,
         "tokens": timings["tokens"],
         "tokens_per_s": timings["tokens_per_second"],
-        "projected_seconds": project(timings, timings["tokens"]),
+        "projected_seconds": project(timings),
         "peak_rss_gib": result["peak_rss"] / 2**30,
         "rss_before_gib": result["rss_before"] / 2**30,
     }
@@ -151,10 +147,7 @@ def run_e2e(args, say=print) -> dict:
         "seqlen": args.seqlen,
         "tokens": tokens,
         "reference_tokens": REFERENCE_TOKENS,
-        "projection": (
-            "seconds(T) = eigh + read + (total - eigh - read) * T / tokens "
-            "(eigh and weight reads do not depend on the token count)"
-        ),
+        "projection": f"seconds(T) = {PROJECTION}",
         "memory_budget": memory_budget,
         "threads": args.threads,
         "machine": machine(),
@@ -223,5 +216,6 @@ def run_layers(workdir: Path, shape: Shape, memory_budget: int, args, say) -> di
         "eigh_signals": 1 + 2 * shape.layers,
         "projected_calibration_seconds": projected,
         "projected_forward_seconds": forward["projected_seconds"],
+        "projected_tokens_per_s_ratio": forward["projected_seconds"] / projected,
         "projected_slice_seconds": projected + calibration["phases"]["rewrite"] + other,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dimcut.bench.e2e import FIXED_PHASES, PHASES
+from dimcut.bench.e2e import PHASES, PROJECTION
 from dimcut.runtime import atomic_write_text
 
 COLUMNS = {
@@ -33,6 +33,11 @@ def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def cell(value, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
+
+
+def rate(value: float) -> str:
+    """Three significant digits below 100 (short runs on big models are slow), else whole."""
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
 
 
 def format_table(report: dict) -> str:
@@ -86,32 +91,32 @@ def format_e2e(report: dict) -> str:
                 [str(run["layers"]), name, f"{row['seconds']:.2f}"]
                 + [f"{phases[phase]:.2f}" for phase in PHASES]
                 + [f"{phases['total']:.2f}", cell(phases.get("rewrite"), "{:.2f}")]
-                + [f"{row['tokens_per_s']:.0f}", f"{row['peak_rss_gib']:.2f}"]
+                + [rate(row["tokens_per_s"]), f"{row['peak_rss_gib']:.2f}"]
             )
     reference = report["reference_tokens"]
-    fixed = " + ".join(FIXED_PHASES)
     lines = markdown(header, rows)
     lines.append(
         f"\n{report['nsamples']}×{report['seqlen']} = {report['tokens']} calibration tokens, "
         f"sparsity {report['sparsity']:g}, memory budget {report['memory_budget'] / 2**30:.2f} GiB"
     )
     lines.append(
-        f"projection to {reference} tokens (128×2048): seconds = {fixed} + "
-        f"(calib. total − ({fixed})) × {reference} / {report['tokens']}"
+        f"projection to T = {reference} tokens (128×2048): seconds(T) = {PROJECTION} "
+        "(eigh, weight reads and setup do not depend on the token count)"
     )
     for run in report["runs"]:
         slice_row, forward = run["contenders"]["slice"], run["contenders"]["forward"]
         verdict = "PASSED" if run["verify"]["passed"] else "FAILED"
         lines.append(
-            f"{run['layers']} layers: calibration {slice_row['tokens_per_s']:.0f} tokens/s, "
-            f"forward {forward['tokens_per_s']:.0f} tokens/s, ratio "
+            f"{run['layers']} layers: calibration {rate(slice_row['tokens_per_s'])} tokens/s, "
+            f"forward {rate(forward['tokens_per_s'])} tokens/s, ratio "
             f"{run['tokens_per_s_ratio']:.3f}; eigh {run['eigh_seconds']:.2f} s "
             f"({run['eigh_signals']} signals)"
         )
         lines.append(
             f"  projected to {reference} tokens: calibration "
             f"{run['projected_calibration_seconds']:.0f} s, forward "
-            f"{run['projected_forward_seconds']:.0f} s, slice (calibration + rewrite + rest) "
+            f"{run['projected_forward_seconds']:.0f} s (tokens/s ratio "
+            f"{run['projected_tokens_per_s_ratio']:.3f}), slice (calibration + rewrite + rest) "
             f"{run['projected_slice_seconds']:.0f} s; dimcut verify {verdict}"
         )
     if len(report["runs"]) > 1:

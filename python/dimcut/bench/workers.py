@@ -46,6 +46,13 @@ def set_torch_threads(params: dict) -> None:
     torch.set_num_threads(params.get("threads") or os.cpu_count() or 1)
 
 
+def import_tokenizers() -> None:
+    """Import transformers' tokenizer classes before a worker starts its clock: some code paths
+    import them on first use (≈ 8 s on a busy 2-core machine), others at module import, and
+    imports are not what the contenders' wall times compare."""
+    from transformers import AutoTokenizer  # noqa: F401
+
+
 def machine() -> dict:
     try:
         load = os.getloadavg()
