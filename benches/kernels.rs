@@ -4,7 +4,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dimcut::checkpoint::Checkpoint;
 use dimcut::kernels::{decode_into, encode_into, matmul, FloatDtype, MatRef};
-use dimcut::writer::{plan_layout, OutputTensor, ShardFiles};
+use dimcut::layout::{plan_layout, OutputTensor};
+use dimcut::shards::ShardFiles;
 use safetensors::Dtype;
 use std::hint::black_box;
 

@@ -1,19 +1,19 @@
 //! Runs a validated plan: streams every output tensor tile by tile from the memory-mapped
 //! checkpoint into shard files (or into memory), keeping working memory within the budget.
 
+use crate::background::{background_buffer_bytes, write_in_background};
 use crate::checkpoint::{is_plain_file_name, Checkpoint, TensorEntry};
 use crate::error::{io_error, DimcutError, Result};
 use crate::kernels::{
     decode_block, decode_vec, encode_into, matmul, ByteBlock, FloatDtype, MatRef, Real,
 };
+use crate::layout::{plan_layout, write_index, OutputTensor};
 use crate::plan::{
     resolve, ArrayData, ArrayRef, Arrays, OpKind, ResolvedOp, Side, TensorOp, Transform,
 };
+use crate::shards::ShardFiles;
+use crate::staging::Staging;
 use crate::tiling::{blocks, rows_per_tile, ColumnTiling};
-use crate::writer::{
-    background_buffer_bytes, plan_layout, write_in_background, write_index, OutputTensor,
-    ShardFiles, Staging,
-};
 use safetensors::Dtype;
 use std::path::Path;
 use std::str::FromStr;

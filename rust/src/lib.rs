@@ -3,13 +3,17 @@
 //!
 //! The modules know nothing of Python; `python` (feature `python`) is the only pyo3 glue.
 
+pub mod background;
 pub mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod kernels;
+pub mod layout;
+pub mod manifest;
 pub mod plan;
+pub mod shards;
+pub mod staging;
 pub mod tiling;
-pub mod writer;
 
 #[cfg(feature = "python")]
 mod python;

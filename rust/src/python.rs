@@ -3,8 +3,8 @@
 
 use crate::engine::{self, Options, Precision, Stats, TensorValues, WEIGHT_SUFFIXES};
 use crate::error::DimcutError as EngineError;
+use crate::manifest::{MANIFEST_FILE, MANIFEST_SCHEMA};
 use crate::plan::{ArrayData, ArrayRef, Arrays, Backing, Shortcut, TensorOp};
-use crate::writer::{MANIFEST_FILE, MANIFEST_SCHEMA};
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileExistsError, PyFileNotFoundError, PyValueError};

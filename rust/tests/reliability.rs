@@ -1,7 +1,7 @@
 //! Hostile inputs and output safety of the engine (the Python suite covers the command line).
 
 use dimcut::checkpoint::parse_header;
-use dimcut::writer::MANIFEST_FILE;
+use dimcut::manifest::MANIFEST_FILE;
 use dimcut::{rewrite_checkpoint, Arrays, DimcutError, Options, TensorOp};
 use serde_json::json;
 use std::path::Path;
@@ -141,7 +141,7 @@ fn outputs_carry_a_manifest_of_sha256() {
         files.keys().collect::<Vec<_>>(),
         ["config.json", "model.safetensors"]
     );
-    let (size, sha) = dimcut::writer::hash_file(&out.join("model.safetensors")).unwrap();
+    let (size, sha) = dimcut::manifest::hash_file(&out.join("model.safetensors")).unwrap();
     assert_eq!(files["model.safetensors"]["sha256"], sha.as_str());
     assert_eq!(files["model.safetensors"]["size"], size);
     assert_eq!(listing(parent.path()), ["out"]);
