@@ -21,6 +21,7 @@ COMMANDS = {
     "predict": ("dimcut.laws", "predict quality at a sparsity, or the sparsity within a budget"),
     "verify": ("dimcut.verify", "check a written checkpoint: headers, manifest, shapes, one layer"),
     "bench": ("dimcut.bench", "benchmark slicing and calibration against baselines"),
+    "export": ("dimcut.export", "write a plain-format or dense model as GGUF for llama.cpp"),
 }
 
 
