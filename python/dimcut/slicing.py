@@ -275,50 +275,9 @@ def add_commands(subparsers) -> None:
         help="fraction s of the hidden width to remove, 0 ≤ s < 1",
     )
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
-    parser.add_argument(
-        "--format",
-        choices=Format.values(),
-        default=Format.SLICEGPT.value,
-        help="slicegpt: per-layer rotations + shortcut matrices (faithful; loads with `import dimcut` "
-        "or trust_remote_code). plain: one rotation, a stock config of width d that loads "
-        "anywhere (default: slicegpt)",
-    )
-    parser.add_argument(
-        "--calib",
-        default=None,
-        help="calibration text: a .txt file or folder, JSONL/Parquet/Arrow, a save_to_disk "
-        "directory, 'wiki-offline', or a hub dataset when online (default: the corpus shipped "
-        "with dimcut)",
-    )
-    parser.add_argument(
-        "--nsamples", type=int, default=128, help="calibration sequences (default 128)"
-    )
-    parser.add_argument(
-        "--calib-seqlen",
-        "--seqlen",  # the 0.1 spelling, kept for one release
-        dest="calib_seqlen",
-        type=int,
-        default=2048,
-        help="tokens per calibration sequence (default 2048; --seqlen is a deprecated alias)",
-    )
-    parser.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    parser.add_argument(
-        "--weighting",
-        choices=calibration.Weighting.values(),
-        default=calibration.DEFAULT_WEIGHTING.value,
-        help="plain format: how the one rotation weighs the residual signals. raw: their plain "
-        "covariance sum; rms: each token scaled to unit RMS first, as the norm-fed readers see "
-        "it; trace: every signal's covariance normalised by its trace "
-        f"(default {calibration.DEFAULT_WEIGHTING.value}, the best measured)",
-    )
+    add_cut_arguments(parser, seqlen_alias=True)
     parser.add_argument(
         "--device", default="auto", choices=Device.values(), help="where calibration runs"
-    )
-    parser.add_argument(
-        "--round-to", type=int, default=8, help="round d down to a multiple of this (default 8)"
-    )
-    parser.add_argument(
-        "--slice-head", action="store_true", help="also slice the final norm and head (slicegpt)"
     )
     parser.add_argument(
         "--rotations", default=None, help="reuse rotations saved by --save-rotations (a directory)"
@@ -356,6 +315,71 @@ def add_commands(subparsers) -> None:
     parser.set_defaults(func=_run_slice)
 
 
+def add_cut_arguments(parser, *, seqlen_alias: bool) -> None:
+    """The options that say how to calibrate and cut, shared by `slice` and `sweep`
+    (`cut_options` turns them into `slice_model` keywords)."""
+    parser.add_argument(
+        "--format",
+        choices=Format.values(),
+        default=Format.SLICEGPT.value,
+        help="slicegpt: per-layer rotations + shortcut matrices (faithful; loads with `import dimcut` "
+        "or trust_remote_code). plain: one rotation, a stock config of width d that loads "
+        "anywhere (default: slicegpt)",
+    )
+    parser.add_argument(
+        "--weighting",
+        choices=calibration.Weighting.values(),
+        default=calibration.DEFAULT_WEIGHTING.value,
+        help="plain format: how the one rotation weighs the residual signals. raw: their plain "
+        "covariance sum; rms: each token scaled to unit RMS first, as the norm-fed readers see "
+        "it; trace: every signal's covariance normalised by its trace "
+        f"(default {calibration.DEFAULT_WEIGHTING.value}, the best measured)",
+    )
+    parser.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text: a .txt file or folder, JSONL/Parquet/Arrow, a save_to_disk "
+        "directory, 'wiki-offline', or a hub dataset when online (default: the corpus shipped "
+        "with dimcut)",
+    )
+    parser.add_argument(
+        "--nsamples", type=int, default=128, help="calibration sequences (default 128)"
+    )
+    # 0.1 spelled it --seqlen in `slice`; `sweep --seqlen` was the perplexity window.
+    legacy = ("--seqlen",) if seqlen_alias else ()
+    parser.add_argument(
+        "--calib-seqlen",
+        *legacy,
+        dest="calib_seqlen",
+        type=int,
+        default=2048,
+        help="tokens per calibration sequence (default 2048)",
+    )
+    parser.add_argument(
+        "--seed", "--calib-seed", type=int, default=42, help="sampling seed (default 42)"
+    )
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="round d down to a multiple of this (default 8)"
+    )
+    parser.add_argument(
+        "--slice-head", action="store_true", help="also slice the final norm and head (slicegpt)"
+    )
+
+
+def cut_options(args) -> dict:
+    """`slice_model` keywords from the options `add_cut_arguments` defined."""
+    return {
+        "fmt": args.format,
+        "weighting": args.weighting,
+        "calib": args.calib,
+        "nsamples": args.nsamples,
+        "seqlen": args.calib_seqlen,
+        "seed": args.seed,
+        "round_to": args.round_to,
+        "slice_head": args.slice_head,
+    }
+
+
 def _run_slice(args) -> int:
     try:
         result = _slice_from_args(args)
@@ -377,14 +401,8 @@ def _slice_from_args(args) -> SliceResult:
         zoo.resolve_model(args.model),
         args.sparsity,
         args.output,
-        fmt=args.format,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.calib_seqlen,
-        seed=args.seed,
+        **cut_options(args),
         device=args.device,
-        round_to=args.round_to,
-        slice_head=args.slice_head,
         rotations_file=args.rotations,
         save_rotations=args.save_rotations,
         overwrite=args.overwrite,
@@ -392,5 +410,4 @@ def _slice_from_args(args) -> SliceResult:
         precision=args.precision,
         progress=not args.quiet,
         resume=args.resume,
-        weighting=args.weighting,
     )

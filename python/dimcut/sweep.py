@@ -14,9 +14,18 @@ import time
 from pathlib import Path
 
 from dimcut import calibration
-from dimcut.evaluation import SCHEMA, evaluate, write_results
-from dimcut.plan import Format
+from dimcut.calibration.rotations import RECORD_FILE
+from dimcut.evaluation import (
+    DEFAULT_PPL_SOURCE,
+    DEFAULT_TASKS,
+    SCHEMA,
+    TASKS,
+    evaluate,
+    write_results,
+)
 from dimcut.runtime import Device
+from dimcut.slicing import add_cut_arguments, cut_options, slice_model
+from dimcut.zoo import MODEL_HELP, resolve_model
 
 PLAIN_ROTATIONS = "rotations-plain"
 
@@ -57,8 +66,6 @@ def sweep(
 ) -> list[Path]:
     """Run (or resume) a sweep; returns the record paths, dense first."""
     from tqdm.auto import tqdm
-
-    from dimcut.slicing import slice_model
 
     model_dir, runs_dir = Path(model_dir), Path(runs_dir)
     slice_options = dict(slice_options or {})
@@ -127,8 +134,6 @@ DEFAULT_CALIBRATION = {"nsamples": 128, "seqlen": 2048, "seed": 42}
 def _reusable(rotations: Path, wanted: dict) -> bool:
     """Whether RUNS/rotations-plain/ was calibrated with these options (the model itself is
     checked by its fingerprint when the rotations are loaded)."""
-    from dimcut.calibration.rotations import RECORD_FILE
-
     try:
         record = json.loads((rotations / RECORD_FILE).read_text())
     except (OSError, ValueError):
@@ -137,8 +142,6 @@ def _reusable(rotations: Path, wanted: dict) -> bool:
 
 
 def add_commands(subparsers) -> None:
-    from dimcut.evaluation import DEFAULT_PPL_SOURCE, DEFAULT_TASKS, TASKS
-
     parser = subparsers.add_parser(
         "sweep",
         help="slice at several sparsities and evaluate each point (resumable)",
@@ -148,8 +151,6 @@ def add_commands(subparsers) -> None:
             "skipped, an interrupted point is redone. Feed RUNS/ to `dimcut fit`."
         ),
     )
-    from dimcut.zoo import MODEL_HELP
-
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument(
         "--sparsities", default="0.1,0.2,0.25,0.3,0.4", help="comma-separated s values in (0, 1)"
@@ -166,19 +167,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--keep-models", action="store_true", help="keep the sliced checkpoints")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     group = parser.add_argument_group("slicing")
-    group.add_argument("--format", choices=Format.values(), default=Format.SLICEGPT.value)
-    group.add_argument(
-        "--weighting",
-        choices=calibration.Weighting.values(),
-        default=calibration.DEFAULT_WEIGHTING.value,
-        help="plain format: how the rotation weighs the residual signals (see `dimcut slice`)",
-    )
-    group.add_argument("--calib", default=None, help="calibration text (default: built-in corpus)")
-    group.add_argument("--nsamples", type=int, default=128)
-    group.add_argument("--calib-seqlen", type=int, default=2048)
-    group.add_argument("--calib-seed", type=int, default=42)
-    group.add_argument("--round-to", type=int, default=8)
-    group.add_argument("--slice-head", action="store_true")
+    add_cut_arguments(group, seqlen_alias=False)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--ppl", default=DEFAULT_PPL_SOURCE, help="perplexity text source or 'none'")
     group.add_argument(
@@ -201,24 +190,12 @@ def add_commands(subparsers) -> None:
 
 
 def _run_sweep(args) -> int:
-    from dimcut.zoo import resolve_model
-
     tasks = [] if args.tasks.strip() == "none" else [t.strip() for t in args.tasks.split(",")]
     records = sweep(
         resolve_model(args.model),
         parse_sparsities(args.sparsities),
         args.output,
-        slice_options={
-            "fmt": args.format,
-            "calib": args.calib,
-            "nsamples": args.nsamples,
-            "seqlen": args.calib_seqlen,
-            "seed": args.calib_seed,
-            "device": args.device,
-            "round_to": args.round_to,
-            "slice_head": args.slice_head,
-            "weighting": args.weighting,
-        },
+        slice_options={**cut_options(args), "device": args.device},
         eval_options={
             "ppl": None if args.ppl == "none" else args.ppl,
             "seqlen": args.ppl_seqlen,

@@ -184,13 +184,7 @@ def calibrate(
     with _open_stream(
         model_dir,
         arch,
-        source,
-        nsamples,
-        seqlen,
-        seed,
-        device,
-        memory_budget,
-        progress,
+        _Settings(source, nsamples, seqlen, seed, device, memory_budget, progress),
         resume_dir,
         identity,
     ) as (stream, record, stores):
@@ -210,8 +204,8 @@ def calibrate(
         except BaseException:
             store.close()
             raise
-        record["activations_on_disk"] = any(s.on_disk for s in stores.values())
         calibrated = Calibrated(store, store.eigenvalues(), record)
+        calibrated.activations_on_disk = any(s.on_disk for s in stores.values())
     calibrated.timings = stream.timings.as_dict()
     if width:
         record["retained_variance"] = calibrated.retained_variance(width)
@@ -236,13 +230,7 @@ def streamed_forward(
     with _open_stream(
         model_dir,
         arch,
-        source,
-        nsamples,
-        seqlen,
-        seed,
-        device,
-        memory_budget,
-        progress,
+        _Settings(source, nsamples, seqlen, seed, device, memory_budget, progress),
         None,
         {"format": "forward"},
     ) as (stream, _record, stores):
@@ -253,37 +241,41 @@ def streamed_forward(
     return stream.timings
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What to stream: the calibration text and where and how to compute."""
+
+    source: str | None
+    nsamples: int
+    seqlen: int
+    seed: int
+    device: str
+    memory_budget: int
+    progress: bool
+
+
 @contextlib.contextmanager
 def _open_stream(
-    model_dir,
-    arch,
-    source,
-    nsamples,
-    seqlen,
-    seed,
-    device,
-    memory_budget,
-    progress,
-    resume_dir,
-    identity,
+    model_dir: Path, arch: Architecture, settings: _Settings, resume_dir, identity: dict
 ):
     """Sample and embed the tokens, open the activation stores; yields (stream, record, stores)."""
     from tqdm.auto import tqdm
 
     from dimcut.engine import inspect_checkpoint
 
+    seqlen, memory_budget = settings.seqlen, settings.memory_budget
     started = time.perf_counter()
     timings = Timings()
     tensors = inspect_checkpoint(model_dir)
-    documents, source_name = calibration_documents(source)
+    documents, source_name = calibration_documents(settings.source)
     tokenizer = load_tokenizer(model_dir)
-    tokens = sample_sequences(tokenizer, documents, nsamples, seqlen, seed)
+    tokens = sample_sequences(tokenizer, documents, settings.nsamples, seqlen, settings.seed)
     timings.tokens = tokens.numel()
     record = {
         "source": source_name,
-        "nsamples": nsamples,
+        "nsamples": settings.nsamples,
         "seqlen": seqlen,
-        "seed": seed,
+        "seed": settings.seed,
         "token_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
         **identity,
         "hidden_size": arch.hidden_size,
@@ -293,10 +285,14 @@ def _open_stream(
     resume = ResumeState(Path(resume_dir), dict(record)) if resume_dir is not None else None
     done = resume.layers_done if resume else 0
     runner = LayerRunner(
-        model_dir, arch, torch_device(device), seqlen, engine_budget(memory_budget)
+        model_dir, arch, torch_device(settings.device), seqlen, engine_budget(memory_budget)
     )
     bar = tqdm(
-        total=arch.num_layers, initial=done, desc="calibrating", unit="layer", disable=not progress
+        total=arch.num_layers,
+        initial=done,
+        desc="calibrating",
+        unit="layer",
+        disable=not settings.progress,
     )
     remove_dead_temporaries(Path(tempfile.gettempdir()), SPILL_PREFIX)
     names = ("hidden-0", "hidden-1", "mid") if resume else ("hidden-0", "mid")

@@ -90,9 +90,11 @@ class Calibrated:
     rotations: Mapping[str, np.ndarray]
     eigenvalues: dict[str, np.ndarray]
     record: dict = field(default_factory=dict)
-    # Seconds per phase (`procedures.Timings.as_dict()`); kept out of the record, which goes
-    # into the output's provenance and must be the same for the same inputs.
+    # How this run went, kept out of the record (which goes into the output's provenance and
+    # must be the same for the same inputs, resumed or not): seconds per phase
+    # (`procedures.Timings.as_dict()`) and whether activations spilled to disk.
     timings: dict = field(default_factory=dict)
+    activations_on_disk: bool = False
 
     def retained_variance(self, width: int) -> dict[str, float]:
         """Per rotation, the fraction of the signal's energy kept by the first `width` directions."""
