@@ -94,3 +94,14 @@ def test_the_sliced_class_is_registered_when_transformers_is_imported_later():
         "assert 'dimcut_sliced' in CONFIG_MAPPING, 'not registered'"
     )
     assert "dimcut.modeling_dimcut" in loaded
+
+
+def test_the_plan_format_is_defined_once():
+    """The engine parses op dicts by its OP_KEYS; the typed TensorOp the planner builds has
+    exactly those fields."""
+    from dataclasses import fields
+
+    from dimcut import _core
+    from dimcut.engine import TensorOp
+
+    assert tuple(f.name for f in fields(TensorOp)) == _core.OP_KEYS

@@ -9,6 +9,7 @@ import numpy as np
 MANIFEST_FILE: str
 MANIFEST_SCHEMA: str
 WEIGHT_SUFFIXES: tuple[str, ...]
+OP_KEYS: tuple[str, ...]  # the fields of a plan op (dimcut.engine.TensorOp)
 
 class DimcutError(Exception):
     """A checkpoint or output problem the engine detected (or an internal engine failure)."""

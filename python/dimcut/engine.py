@@ -18,7 +18,9 @@ ProgressArg = bool | Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class TensorOp:
-    """One output tensor of a plan; see docs/plan-format.md for the meaning of each field."""
+    """One output tensor of a plan; see docs/plan-format.md for the meaning of each field.
+
+    The fields are the engine's `_core.OP_KEYS` (tests/test_engine.py holds them equal)."""
 
     name: str
     source: str | None = None

@@ -22,6 +22,7 @@ import numpy as np
 
 from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, FINAL_NORM, LM_HEAD, Architecture
+from dimcut.engine import TensorOp
 from dimcut.runtime import Choice
 
 
@@ -128,11 +129,11 @@ def rotation_arrays(
     return names, {name: rotations[name] for name in needed}
 
 
-def _op(name: str, **fields) -> dict:
-    return {"name": name, "source": name, **fields}
+def _op(name: str, **fields) -> TensorOp:
+    return TensorOp(name=name, source=name, **fields)
 
 
-def _reader_ops(weights, scale, rotation, width, tensors) -> list[dict]:
+def _reader_ops(weights, scale, rotation, width, tensors) -> list[TensorOp]:
     """Ops for linears that read the residual through a norm (q/k/v, gate/up, head)."""
     ops = []
     for weight in weights:
@@ -143,7 +144,7 @@ def _reader_ops(weights, scale, rotation, width, tensors) -> list[dict]:
     return ops
 
 
-def _writer_ops(weight, rotation, width, tensors) -> list[dict]:
+def _writer_ops(weight, rotation, width, tensors) -> list[TensorOp]:
     """Ops for a linear writing into the residual (o_proj, down_proj): rows rotated, bias too."""
     ops = [_op(weight, out_rotation=rotation, out_keep=width)]
     bias = weight.removesuffix(".weight") + ".bias"
@@ -152,103 +153,85 @@ def _writer_ops(weight, rotation, width, tensors) -> list[dict]:
     return ops
 
 
-LAYER_PARTS = ("attention_readers", "attention_writer", "mlp_readers", "mlp_writer", "extras")
-
-
-def layer_op_groups(
+def layer_ops(
     arch: Architecture,
     index: int,
-    fmt: str,
+    fmt: Format,
     rotations: RotationNames,
     widths: Widths,
     tensors: dict,
     dtype: str,
-) -> dict[str, list[dict]]:
-    """Ops of decoder layer `index`, grouped by LAYER_PARTS (calibration runs them in stages)."""
+) -> list[TensorOp]:
+    """Ops of decoder layer `index` (docs/algorithm.md §1, §2, §4)."""
     family = arch.family
-    plain = fmt == "plain"
+    plain = fmt is Format.PLAIN
     width_in, width_mid, width_out = widths.layer_input(index), widths.mid[index], widths.out[index]
     q_in, q_mid, q_out = rotations.layer_input(index), rotations.mid[index], rotations.out[index]
-    groups = {
-        "attention_readers": _reader_ops(
+    ops = [
+        *_reader_ops(
             arch.attention_input_weights(index),
             arch.norm_weight(index, "attention"),
             PLAIN_READER_ROTATION if plain else q_in,
             width_in,
             tensors,
         ),
-        "attention_writer": _writer_ops(
+        *_writer_ops(
             arch.layer(index, family.attention_output) + ".weight", q_mid, width_mid, tensors
         ),
-        "mlp_readers": _reader_ops(
+        *_reader_ops(
             arch.mlp_input_weights(index),
             arch.norm_weight(index, "mlp"),
             PLAIN_READER_ROTATION if plain else q_mid,
             width_mid,
             tensors,
         ),
-        "mlp_writer": _writer_ops(
-            arch.layer(index, family.mlp_output) + ".weight", q_out, width_out, tensors
-        ),
-    }
+        *_writer_ops(arch.layer(index, family.mlp_output) + ".weight", q_out, width_out, tensors),
+    ]
     if plain:
-        groups["extras"] = [
+        return ops + [
             _literal(arch.norm_weight(index, which), PLAIN_NORM_ONES, dtype)
             for which in ("attention", "mlp")
         ]
-    else:
-        prefix = f"model.layers.{index}."
-        groups["extras"] = [
-            _shortcut(prefix + "attn_shortcut", q_in, q_mid, width_in, width_mid, dtype),
-            _shortcut(prefix + "mlp_shortcut", q_mid, q_out, width_mid, width_out, dtype),
-        ]
-    return groups
+    prefix = f"model.layers.{index}."
+    return ops + [
+        _shortcut(prefix + "attn_shortcut", q_in, q_mid, width_in, width_mid, dtype),
+        _shortcut(prefix + "mlp_shortcut", q_mid, q_out, width_mid, width_out, dtype),
+    ]
 
 
-def unrotated(op: dict) -> dict:
-    """The op without rotations or slicing (norm fusion and dtype kept)."""
-    return {**op, "in_rotation": None, "in_keep": None, "out_rotation": None, "out_keep": None}
+def _literal(name: str, array: str, dtype: str) -> TensorOp:
+    return TensorOp(name=name, literal=array, dtype=dtype)
 
 
-def _literal(name: str, array: str, dtype: str) -> dict:
-    return {"name": name, "source": None, "literal": array, "dtype": dtype}
-
-
-def _shortcut(name, rotation_a, rotation_b, keep_a, keep_b, dtype) -> dict:
-    return {
-        "name": name,
-        "source": None,
-        "shortcut": [rotation_a, rotation_b, keep_a, keep_b],
-        "dtype": dtype,
-    }
+def _shortcut(name, rotation_a, rotation_b, keep_a, keep_b, dtype) -> TensorOp:
+    return TensorOp(name=name, shortcut=(rotation_a, rotation_b, keep_a, keep_b), dtype=dtype)
 
 
 def model_ops(
     arch: Architecture,
-    fmt: str,
+    fmt: Format | str,
     rotations: RotationNames,
     widths: Widths,
     tensors: dict,
-) -> list[dict]:
+) -> list[TensorOp]:
     """Ops for the whole checkpoint; refuses tensors the architecture does not explain."""
     fmt = Format.parse(fmt)
     if EMBEDDING not in tensors:
         raise DimcutError(f"the checkpoint has no {EMBEDDING}; is it a {arch.model_type} model?")
     dtype = tensors[EMBEDDING][0]
-    plain = fmt == "plain"
+    plain = fmt is Format.PLAIN
     ops = [_op(EMBEDDING, in_rotation=rotations.embedding, in_keep=widths.embedding)]
     for index in range(arch.num_layers):
-        groups = layer_op_groups(arch, index, fmt, rotations, widths, tensors, dtype)
-        ops += [op for part in LAYER_PARTS for op in groups[part]]
+        ops += layer_ops(arch, index, fmt, rotations, widths, tensors, dtype)
     head_source = LM_HEAD if LM_HEAD in tensors else EMBEDDING  # tied embeddings get untied
     ops.append(
-        {
-            "name": LM_HEAD,
-            "source": head_source,
-            "col_scale": FINAL_NORM,
-            "in_rotation": PLAIN_READER_ROTATION if plain else rotations.out[-1],
-            "in_keep": widths.head,
-        }
+        TensorOp(
+            name=LM_HEAD,
+            source=head_source,
+            col_scale=FINAL_NORM,
+            in_rotation=PLAIN_READER_ROTATION if plain else rotations.out[-1],
+            in_keep=widths.head,
+        )
     )
     if plain:
         ops.append(_literal(FINAL_NORM, PLAIN_NORM_ONES, dtype))
@@ -256,8 +239,8 @@ def model_ops(
     return ops
 
 
-def _check_coverage(arch: Architecture, ops: list[dict], tensors: dict) -> None:
-    used = {op["source"] for op in ops} | {op.get("col_scale") for op in ops}
+def _check_coverage(arch: Architecture, ops: list[TensorOp], tensors: dict) -> None:
+    used = {op.source for op in ops} | {op.col_scale for op in ops}
     missing = sorted(n for n in used if n is not None and n not in tensors)
     if missing:
         raise DimcutError(

@@ -461,6 +461,8 @@ fn core_module(module: &Bound<'_, PyModule>) -> PyResult<()> {
         "WEIGHT_SUFFIXES",
         PyTuple::new(module.py(), WEIGHT_SUFFIXES)?,
     )?;
+    // The plan's op fields, defined once here (dimcut.engine.TensorOp is tested against them).
+    module.add("OP_KEYS", PyTuple::new(module.py(), OP_KEYS)?)?;
     module.add_function(wrap_pyfunction!(rewrite_checkpoint, module)?)?;
     module.add_function(wrap_pyfunction!(rewrite_tensors, module)?)?;
     module.add_function(wrap_pyfunction!(inspect_checkpoint, module)?)?;

@@ -35,7 +35,7 @@ def build_plan(workdir: Path, shape: Shape) -> dict:
     widths = plan_widths(arch, "plain", shape.kept, True)
     q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((shape.hidden, shape.hidden)))
     names, arrays = rotation_arrays("plain", {"Q": q}, widths, arch)
-    ops = model_ops(arch, "plain", names, widths, tensors)
+    ops = [op.to_dict() for op in model_ops(arch, "plain", names, widths, tensors)]
     array_dir = workdir / "arrays"
     array_dir.mkdir(exist_ok=True)
     for name, array in arrays.items():

@@ -17,7 +17,7 @@ import torch
 
 from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, Architecture
-from dimcut.engine import rewrite_tensors
+from dimcut.engine import TensorOp, rewrite_tensors
 
 
 class Block(str, enum.Enum):
@@ -71,7 +71,7 @@ class LayerRunner:
 
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
         """Float32 copies of checkpoint tensors, refusing non-finite values."""
-        ops = [{"name": name, "source": name, "dtype": "F32"} for name in names]
+        ops = [TensorOp(name=name, source=name, dtype="F32") for name in names]
         weights = rewrite_tensors(self.model_dir, ops, memory_budget=self.engine_budget)
         for name, values in weights.items():
             if not np.isfinite(values).all():
