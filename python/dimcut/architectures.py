@@ -153,14 +153,14 @@ def sliced_width(hidden_size: int, sparsity: float, round_to: int = 8) -> int:
     if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity)) or not (
         0 <= sparsity < 1
     ):
-        raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if round_to < 1:
-        raise ValueError(f"--round-to must be a positive integer, got {round_to}")
+        raise ValueError(f"round_to must be a positive integer, got {round_to}")
     width = math.floor((1 - sparsity) * hidden_size + 1e-9)  # 0.7·10 must give 7, not 6
     width -= width % round_to
     if width <= 0:
         raise ValueError(
-            f"--sparsity {sparsity} leaves width {width} of hidden size {hidden_size} after "
+            f"sparsity {sparsity} leaves width {width} of hidden size {hidden_size} after "
             f"rounding down to a multiple of {round_to}; choose a smaller sparsity"
         )
     return width

@@ -238,18 +238,18 @@ def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Refuse bad output locations before spending time on calibration."""
     src, dst = model_dir.resolve(), out_dir.resolve()
     if dst == src or src in dst.parents:
-        raise ValueError(f"-o {out_dir}: the output must not be (inside) the input model directory")
+        raise ValueError(f"output {out_dir}: must not be (inside) the input model directory")
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"-o {out_dir}: the output directory exists (pass --overwrite)")
+        raise FileExistsError(f"output {out_dir}: the directory exists (pass overwrite=True / --overwrite)")
     if not dst.parent.exists():
-        raise FileNotFoundError(f"-o {out_dir}: the parent directory {dst.parent} does not exist")
+        raise FileNotFoundError(f"output {out_dir}: the parent directory {dst.parent} does not exist")
     # Probe that the output location is writable (read-only file system, permissions) before
     # spending time on calibration; the engine writes a temporary directory there too.
     try:
         Path(tempfile.mkdtemp(prefix=f".{dst.name}.dimcut-probe-", dir=dst.parent)).rmdir()
     except OSError as exc:
         raise PermissionError(
-            f"-o {out_dir}: cannot write in {dst.parent} ({exc.strerror or exc})"
+            f"output {out_dir}: cannot write in {dst.parent} ({exc.strerror or exc})"
         ) from None
 
 

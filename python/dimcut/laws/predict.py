@@ -216,6 +216,7 @@ def _check_range(line: LineFit, sparsity: float, allow_extrapolation: bool) -> b
         raise ValueError(
             f"s = {sparsity:.4g} lies beyond the fitted range s ∈ [0, {line.s_max:.4g}] by more "
             f"than {EXTRAPOLATION_MARGIN:.0%} of it (limit {limit:.4g}); the law was only "
-            "measured inside that range. Pass --allow-extrapolation to predict anyway"
+            "measured inside that range. Pass allow_extrapolation=True (--allow-extrapolation) to "
+            "predict anyway"
         )
     return sparsity > line.s_max
