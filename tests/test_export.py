@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +148,67 @@ def test_a_failing_converter_leaves_nothing_behind(dense_llama, tmp_path):
     with pytest.raises(ConversionError, match=r"could not convert .*dense \(exit status 1\)"):
         export_gguf(dense_llama, out / "model.gguf", converter=fake)
     assert files_in(out) == []
+
+
+def fake_sdist(path: Path, version: str) -> Path:
+    """A tar.gz laid out like the llama-cpp-python sdist (bindings + vendored llama.cpp)."""
+    top = f"llama_cpp_python-{version}"
+    files = {
+        f"{top}/llama_cpp/__init__.py": "",
+        f"{top}/vendor/llama.cpp/CMakeLists.txt": "",
+        f"{top}/vendor/llama.cpp/src/llama.cpp": "",
+        f"{top}/vendor/llama.cpp/LICENSE": "MIT",
+        f"{top}/vendor/llama.cpp/convert_hf_to_gguf.py": "print('converter')",
+        f"{top}/vendor/llama.cpp/conversion/__init__.py": "",
+        f"{top}/vendor/llama.cpp/gguf-py/gguf/__init__.py": "",
+    }
+    archive = path / f"{top}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return archive
+
+
+def test_converter_is_fetched_once_into_the_cache(tmp_path, monkeypatch):
+    archive = fake_sdist(tmp_path, "9.9")
+    downloads = []
+
+    def pip_download(command, **kwargs):  # what `pip download -d DIR` leaves in DIR
+        assert command[-4:-2] == ["llama-cpp-python", "llama-cpp-python==9.9"]
+        downloads.append(command)
+        shutil.copy(archive, command[-1])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(export.subprocess, "run", pip_download)
+    monkeypatch.delenv(export.CONVERTER_ENV, raising=False)
+    monkeypatch.setattr(export, "installed_llama_cpp_version", lambda: "9.9")
+    cache = tmp_path / "cache"
+    found = export.find_converter(cache_dir=cache, progress=False)
+    assert found.root == cache / "llama.cpp-9.9"
+    assert sorted(p.name for p in found.root.iterdir()) == [
+        "LICENSE",
+        "conversion",
+        "convert_hf_to_gguf.py",
+        "gguf-py",
+    ]
+    assert files_in(cache) == ["llama.cpp-9.9"]  # no scratch left
+    assert export.find_converter(cache_dir=cache).root == found.root
+    assert len(downloads) == 1
+    monkeypatch.setenv(export.CONVERTER_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"DIMCUT_LLAMA_CPP .*nowhere: no llama.cpp"):
+        export.find_converter(cache_dir=cache)
+
+
+def test_a_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    def pip_fails(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution")
+
+    monkeypatch.setattr(export.subprocess, "run", pip_fails)
+    with pytest.raises(ConversionError, match=r"(?s)DIMCUT_LLAMA_CPP.*No matching distribution"):
+        export.fetch_converter("9.9", tmp_path, progress=False)
+    assert files_in(tmp_path) == []
 
 
 # --- conversions (need the converter; running them needs llama-cpp-python) ------------------
