@@ -134,9 +134,8 @@ def _skeleton(path: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dimcut.modeling_dimcut import register_auto_classes
+    from dimcut import modeling_dimcut  # noqa: F401 -- importing it registers the sliced class
 
-    register_auto_classes()
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
