@@ -163,6 +163,9 @@ INFERENCE_TIMINGS = {
     "decode_s",
     "decode_tokens_per_s",
     "decode_median_step_s",
+    "first_token_cpu_s",
+    "decode_cpu_s",
+    "decode_tokens_per_cpu_s",
     "generate_s",
 }
 INFERENCE_FIELDS = {
@@ -233,6 +236,11 @@ def test_bench_inference_tiny_dense_plain_and_slicegpt(tiny_llama_dir, tmp_path,
             / plain["batches"][batch]["decode_tokens_per_s"]
         )
         assert math.isclose(pair["decode_ratio"][batch], expected)
+        cpu = (
+            sliced["batches"][batch]["decode_tokens_per_cpu_s"]
+            / plain["batches"][batch]["decode_tokens_per_cpu_s"]
+        )
+        assert math.isclose(pair["decode_ratio_cpu"][batch], cpu)
     assert 0 < pair["shortcut_flop_share"] < pair["shortcut_weight_share"] < 1
     ratios = report["ratios"]["plain-s25"]
     assert math.isclose(

@@ -194,16 +194,19 @@ def prompt_ids(params: dict):
 
 
 def make_step_clock(synchronize):
-    """A logits processor that stamps the time of every generation step (after its forward)."""
+    """A logits processor that stamps the wall and CPU time of every generation step (after its
+    forward)."""
     from transformers import LogitsProcessor
 
     class StepClock(LogitsProcessor):
         def __init__(self):
             self.times: list[float] = []
+            self.cpu_times: list[float] = []
 
         def __call__(self, input_ids, scores):
             synchronize()
             self.times.append(time.perf_counter())
+            self.cpu_times.append(time.process_time())
             return scores
 
     return StepClock()
@@ -226,7 +229,7 @@ def time_generation(model, ids, new_tokens: int, synchronize) -> dict:
     )
     clock = make_step_clock(synchronize)
     synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         output = model.generate(
             ids,
@@ -245,6 +248,7 @@ def time_generation(model, ids, new_tokens: int, synchronize) -> dict:
     first = clock.times[0] - start
     decode = clock.times[-1] - clock.times[0]
     steps = [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
+    decode_cpu = clock.cpu_times[-1] - clock.cpu_times[0]
     return {
         "first_token_s": first,
         "prefill_tokens_per_s": batch * length / first,
@@ -252,6 +256,11 @@ def time_generation(model, ids, new_tokens: int, synchronize) -> dict:
         "decode_tokens_per_s": batch * (new_tokens - 1) / decode,
         # Robust to the other processes of a shared machine preempting a few steps.
         "decode_median_step_s": statistics.median(steps),
+        # CPU seconds of the process (all its threads). With one thread they measure the work
+        # whatever else the machine runs; with several they include threads waiting for others.
+        "first_token_cpu_s": clock.cpu_times[0] - cpu_start,
+        "decode_cpu_s": decode_cpu,
+        "decode_tokens_per_cpu_s": batch * (new_tokens - 1) / decode_cpu,
         "generate_s": end - start,
     }
 
@@ -397,8 +406,8 @@ def contender_row(contender: Contender, results: list[dict]) -> dict:
     return row
 
 
-def decode_rates(batches: dict) -> dict:
-    return {batch: timing["decode_tokens_per_s"] for batch, timing in batches.items()}
+def decode_rates(batches: dict, metric: str = "decode_tokens_per_s") -> dict:
+    return {batch: timing[metric] for batch, timing in batches.items()}
 
 
 def ratios_to(reference: dict, row: dict) -> dict:
@@ -408,6 +417,11 @@ def ratios_to(reference: dict, row: dict) -> dict:
     return {
         "decode_speedup": {
             batch: row["batches"][batch]["decode_tokens_per_s"] / timing["decode_tokens_per_s"]
+            for batch, timing in reference["batches"].items()
+        },
+        "decode_cpu_speedup": {
+            batch: row["batches"][batch]["decode_tokens_per_cpu_s"]
+            / timing["decode_tokens_per_cpu_s"]
             for batch, timing in reference["batches"].items()
         },
         "prefill_speedup": ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"],
@@ -425,6 +439,9 @@ def shortcut_cost(slicegpt: dict, plain: dict) -> dict:
     recovers in the same process ((folded − slicegpt) / (plain − slicegpt))."""
     ours, theirs = decode_rates(slicegpt["batches"]), decode_rates(plain["batches"])
     folded = decode_rates(slicegpt["folded"]["batches"])
+    per_cpu = "decode_tokens_per_cpu_s"
+    ours_cpu, theirs_cpu = (decode_rates(r["batches"], per_cpu) for r in (slicegpt, plain))
+    folded_cpu = decode_rates(slicegpt["folded"]["batches"], per_cpu)
     gap_closed = {}
     for batch in ours:
         gap = theirs[batch] - ours[batch]
@@ -438,6 +455,8 @@ def shortcut_cost(slicegpt: dict, plain: dict) -> dict:
         "decode_ratio_median_step": {
             b: median_step(plain, b) / median_step(slicegpt, b) for b in ours
         },
+        "decode_ratio_cpu": {b: ours_cpu[b] / theirs_cpu[b] for b in ours},
+        "folded_speedup_cpu": {b: folded_cpu[b] / ours_cpu[b] for b in ours},
         "folded_decode_ratio": {b: folded[b] / theirs[b] for b in ours},
         "folded_speedup": {b: folded[b] / ours[b] for b in ours},
         "gap_closed": gap_closed,
@@ -598,7 +617,8 @@ def format_inference(report: dict) -> str:
     batches = [str(b) for b in report["batch_sizes"]]
     smallest = batches[0]
     header = ["contender", "params M", f"prefill tok/s (b{smallest})", "first token s"]
-    header += [f"decode tok/s b{b}" for b in batches] + ["peak RSS GiB"]
+    header += [f"decode tok/s b{b}" for b in batches]
+    header += [f"decode tok/CPU-s b{b}" for b in batches] + ["peak RSS GiB"]
     header += [f"decode × {report['reference']} b{b}" for b in batches]
     rows = []
 
@@ -608,6 +628,7 @@ def format_inference(report: dict) -> str:
             + [f"{timings[smallest]['prefill_tokens_per_s']:.0f}"]
             + [f"{timings[smallest]['first_token_s']:.3f}"]
             + [f"{timings[b]['decode_tokens_per_s']:.1f}" for b in batches]
+            + [f"{timings[b]['decode_tokens_per_cpu_s']:.1f}" for b in batches]
             + [rss]
             + [cell(speedups.get(b), "{:.2f}") for b in batches]
         )
@@ -644,6 +665,8 @@ def format_inference(report: dict) -> str:
             + ", ".join(f"b{b} {pair['decode_ratio'][b]:.3f}" for b in batches)
             + " (median step: "
             + ", ".join(f"b{b} {pair['decode_ratio_median_step'][b]:.3f}" for b in batches)
+            + "; per CPU-second: "
+            + ", ".join(f"b{b} {pair['decode_ratio_cpu'][b]:.3f}" for b in batches)
             + f"); FLOP estimate {pair['flop_predicted_ratio']:.3f} (shortcuts "
             f"{pair['shortcut_flop_share']:.1%} of decode FLOPs, "
             f"{pair['shortcut_weight_share']:.1%} of weights read)"
@@ -652,7 +675,9 @@ def format_inference(report: dict) -> str:
             f"  {pair['folded_shortcuts']} square shortcuts folded ({pair['kept_shortcuts']} "
             "non-square kept): decode × "
             + ", ".join(f"b{b} {pair['folded_speedup'][b]:.3f}" for b in batches)
-            + "; of the gap to plain it closes "
+            + " (per CPU-second: "
+            + ", ".join(f"b{b} {pair['folded_speedup_cpu'][b]:.3f}" for b in batches)
+            + "); of the gap to plain it closes "
             + ", ".join(f"b{b} {cell(pair['gap_closed'][b], '{:.0%}')}" for b in batches)
         )
     return "\n".join(lines)
