@@ -10,29 +10,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from tiny_models import build_tokenizer
+from tiny_models import save_tiny_model, tiny_config
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
-    """A random 2-layer Llama (hidden 64) with a real tokenizer, saved as a dense checkpoint."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random 2-layer Llama (hidden 64) with a real tokenizer, saved as one safetensors file."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), shard=None)
 
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory):
+    """The same tiny Llama sharded, with an index; never modified (tests that break it copy it)."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("pristine") / "model")
+
+
+@pytest.fixture
+def tiny_llama_config() -> dict:
+    """config.json of tiny_models' 2-layer Llama (hidden 64, 4 heads, 2 key/value heads)."""
+    return tiny_config("llama").to_dict()

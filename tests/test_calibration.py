@@ -12,8 +12,8 @@ import torch
 
 import dimcut
 from dimcut.calibration import calibration_documents, sample_sequences
+from helpers import tree_hash as dir_digest
 from slicegpt_oracle import slicegpt
-from test_formats import dir_digest
 from tiny_models import FAMILY_CONFIGS, save_tiny_model, tiny_logits
 
 CALIB = {"nsamples": 4, "seqlen": 32, "seed": 3, "progress": False}

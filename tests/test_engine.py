@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dimcut import DimcutError
+from dimcut import DimcutError, _core
 from dimcut.engine import (
     TensorOp,
     _engine_arrays,
@@ -22,6 +22,8 @@ from dimcut.engine import (
     rewrite_checkpoint,
     rewrite_tensors,
 )
+from helpers import tree_hash
+from tiny_models import save_tiny_model, tiny_logits
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Error bound of one output rounding (half an ulp, doubled for f32 arithmetic noise).
@@ -51,14 +53,6 @@ def random_tensors(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]
         "bias": randn(ROWS),
         "norm": (1 + 0.1 * randn(COLS).float()).to(dtype),
         "embed": randn(53, COLS),
-    }
-
-
-def tree_hash(directory: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
     }
 
 
@@ -236,6 +230,11 @@ def test_non_float_tensors_copy_verbatim_but_cannot_be_transformed(tmp_path: Pat
         rewrite_tensors(src, [TensorOp("ids", source="ids")], {})
 
 
+def test_a_rust_panic_is_a_python_exception():
+    with pytest.raises(DimcutError, match="internal engine error: deliberate test panic"):
+        _core._panic_for_test()
+
+
 # --- precision -----------------------------------------------------------------------------
 
 
@@ -263,37 +262,13 @@ def test_f64_precision_is_closer_to_the_float64_reference(tmp_path: Path) -> Non
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # non-trivial norm weights, so folding them is tested
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.uniform_(0.5, 1.5)
-    directory = tmp_path_factory.mktemp("llama")
-    model.save_pretrained(directory, max_shard_size="100KB")
+    directory = save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
     assert (directory / "model.safetensors.index.json").exists()
     return directory
 
 
 def llama_logits(directory: Path) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    tokens = torch.arange(20).reshape(2, 10) % model.config.vocab_size
-    with torch.no_grad():
-        return model(tokens).logits
+    return tiny_logits(directory, torch.arange(20).reshape(2, 10))
 
 
 def test_identity_plan_gives_identical_logits(tiny_llama: Path, tmp_path: Path) -> None:

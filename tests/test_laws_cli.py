@@ -10,6 +10,7 @@ import pytest
 
 from dimcut.laws import plot_fits
 from dimcut.laws.fit import PERPLEXITY
+from helpers import refuse
 from laws_records import fit_of, law_records, sweep_records, write
 
 
@@ -85,6 +86,32 @@ def test_cli_predict_says_what_widths_are_rounded_to(tmp_path, capsys):
     assert main(["fit", str(runs), "--out", str(fit)]) == 0
     assert main(["predict", "--fit", str(fit), "--sparsity", "0.25"]) == 0
     assert "(8: `dimcut slice`'s default --round-to" in capsys.readouterr().out
+
+
+def _record(label, s, fingerprint):
+    return {
+        "schema": "dimcut.results/1",
+        "model": {
+            "path": f"/m/{fingerprint}-{s}",
+            "label": label,
+            "fingerprint": fingerprint,
+            "effective_sparsity": s,
+            "original_hidden_size": 64,
+        },
+        "perplexity": {"source": "wiki", "seqlen": 64, "windows": 2, "ppl": 10 + 10 * s},
+        "tasks": {},
+    }
+
+
+def test_results_of_different_models_are_not_mixed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, (label, s, fp) in enumerate([(None, 0.0, "a"), (None, 0.2, "a"), (None, 0.0, "b")]):
+        (runs / f"r{i}.json").write_text(json.dumps(_record(label, s, fp)))
+    refuse(["fit", runs], capsys, r"records without model.label", inputs=(runs,))
+    for i, (label, s, fp) in enumerate([("m", 0.0, "a"), ("m", 0.2, "a"), ("m", 0.0, "b")]):
+        (runs / f"r{i}.json").write_text(json.dumps(_record(label, s, fp)))
+    refuse(["fit", runs], capsys, r"dense records of different models", inputs=(runs,))
 
 
 def test_importing_the_laws_imports_neither_torch_nor_matplotlib():

@@ -70,13 +70,21 @@ def tiny_config(family: str, hidden_size: int = 64, layers: int = 2):
 
 
 def save_tiny_model(
-    family: str, path: Path, *, seed: int = 0, shard: str | None = "60KB", dtype=torch.float32
+    family: str,
+    path: Path,
+    *,
+    seed: int = 0,
+    shard: str | None = "60KB",
+    dtype=torch.float32,
+    hidden_size: int = 64,
 ) -> Path:
-    """Random weights with non-trivial norm scales (so that norm fusion is exercised)."""
+    """A 2-layer checkpoint with the tokenizer: random weights with non-trivial norm scales (so
+    that norm fusion is exercised), sharded at `shard` (None: one file)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    config = tiny_config(family, hidden_size=hidden_size)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:

@@ -1,0 +1,341 @@
+"""`dimcut slice` on broken inputs, bad options and bad output locations.
+
+Every bad-input case runs the real command line and asserts: exit status 1, an error naming the
+file/tensor/option, the input directory byte-identical afterwards, and nothing left beside the
+output (no output, no temporary directory, no lock file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from helpers import SLICE, refuse, run_cli, slice_args, tree_hash
+from tiny_models import save_tiny_model
+
+
+@pytest.fixture
+def model(pristine, tmp_path) -> Path:
+    """A private copy of the tiny sharded Llama, to break."""
+    return Path(shutil.copytree(pristine, tmp_path / "model"))
+
+
+def shard_of(model_dir: Path, tensor: str) -> Path:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    return model_dir / index["weight_map"][tensor]
+
+
+def edit_header(path: Path, edit, *, append: bytes = b"") -> None:
+    """Rewrite a safetensors header through `edit(header_dict)` (data bytes kept)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :] + append)
+
+
+def tensors_by_offset(header: dict) -> list[str]:
+    names = [k for k in header if k != "__metadata__"]
+    return sorted(names, key=lambda k: header[k]["data_offsets"])
+
+
+# ---------------------------------------------------------------- safetensors and index inputs
+
+LAYER0 = "model.layers.0.mlp.down_proj.weight"
+
+
+def _header_too_long(m: Path) -> str:
+    shard = shard_of(m, LAYER0)
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = struct.pack("<Q", len(raw) + 1000)
+    shard.write_bytes(bytes(raw))
+    return rf"{shard.name}.*header length \d+ is larger than the file"
+
+
+def _header_over_limit(m: Path) -> str:
+    shard = shard_of(m, LAYER0)
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = struct.pack("<Q", 2**62)
+    shard.write_bytes(bytes(raw))
+    return rf"{shard.name}.*larger than the 100000000-byte limit"
+
+
+def _header_not_json(m: Path) -> str:
+    shard = shard_of(m, LAYER0)
+    raw = bytearray(shard.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    raw[8 : 8 + n] = b"{not json" + b" " * (n - 9)
+    shard.write_bytes(bytes(raw))
+    return rf"{shard.name}.*header is not valid JSON"
+
+
+def _overlap(m: Path) -> str:
+    shard = shard_of(m, "model.layers.0.self_attn.q_proj.weight")
+    names = []
+
+    def edit(header):
+        first, second = tensors_by_offset(header)[:2]
+        names.extend([first, second])
+        a, b = header[second]["data_offsets"]
+        header[second]["data_offsets"] = [a - 4, b - 4]
+
+    edit_header(shard, edit)
+    return rf"{shard.name}.*tensors .*{re.escape(names[0])}.* and .*{re.escape(names[1])}.* overlap"
+
+
+def _gap(m: Path) -> str:
+    shard = shard_of(m, "model.layers.0.self_attn.q_proj.weight")
+    names = []
+
+    def edit(header):
+        last = tensors_by_offset(header)[-1]
+        names.append(last)
+        a, b = header[last]["data_offsets"]
+        header[last]["data_offsets"] = [a + 8, b + 8]
+
+    edit_header(shard, edit, append=b"\0" * 8)
+    return rf"{shard.name}.*gap of 8 bytes .*{re.escape(names[0])}"
+
+
+def _length_disagrees(m: Path) -> str:
+    shard = shard_of(m, LAYER0)
+
+    def edit(header):
+        header[LAYER0]["shape"][0] += 1
+
+    edit_header(shard, edit)
+    return rf"{shard.name}.*{re.escape(LAYER0)}.*hold \d+ bytes, but shape .* needs \d+"
+
+
+def _truncated(m: Path) -> str:
+    shard = shard_of(m, LAYER0)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return rf"{shard.name}.*truncated"
+
+
+def _missing_shard(m: Path) -> str:
+    shard = shard_of(m, LAYER0)
+    shard.unlink()
+    return rf"{shard.name}.*shard named by model.safetensors.index.json does not exist"
+
+
+def _index_disagrees(m: Path) -> str:
+    index_path = m / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    other = index["weight_map"]["model.embed_tokens.weight"]
+    assert index["weight_map"][LAYER0] != other
+    index["weight_map"][LAYER0] = other
+    index_path.write_text(json.dumps(index))
+    return rf"index.json.*{re.escape(LAYER0)}.*is not in its shard {other}"
+
+
+def _config_missing(m: Path) -> str:
+    (m / "config.json").unlink()
+    return r"config.json: no config.json"
+
+
+def _config_unparsable(m: Path) -> str:
+    (m / "config.json").write_text('{"model_type": "llama",')
+    return r"config.json: config.json is not valid JSON"
+
+
+def _config_unsupported(m: Path) -> str:
+    config = json.loads((m / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (m / "config.json").write_text(json.dumps(config))
+    return r"config.json: model_type 'gpt2' is not supported"
+
+
+def _config_sizes(m: Path) -> str:
+    config = json.loads((m / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (m / "config.json").write_text(json.dumps(config))
+    return r"config.json disagrees with the weights: tensor 'model.layers.0.mlp.gate_proj.weight'"
+
+
+def _config_layers(m: Path) -> str:
+    config = json.loads((m / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (m / "config.json").write_text(json.dumps(config))
+    return r"num_hidden_layers=1, but the checkpoint has tensor 'model.layers.1"
+
+
+def _nan_weight(m: Path) -> str:
+    shard = shard_of(m, LAYER0)
+    tensors = load_file(shard)
+    tensors[LAYER0][3, 5] = np.nan
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return rf"tensor '{re.escape(LAYER0)}' .*contains NaN or Inf"
+
+
+def _inf_embedding(m: Path) -> str:
+    shard = shard_of(m, "model.embed_tokens.weight")
+    tensors = load_file(shard)
+    tensors["model.embed_tokens.weight"][:, 0] = np.inf
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return r"model.embed_tokens.weight.*NaN or Inf"
+
+
+BROKEN_INPUTS = {
+    "header_longer_than_file": _header_too_long,
+    "header_over_limit": _header_over_limit,
+    "header_not_json": _header_not_json,
+    "offsets_overlap": _overlap,
+    "offsets_gap": _gap,
+    "byte_length_disagrees_with_shape": _length_disagrees,
+    "truncated_shard": _truncated,
+    "index_names_missing_shard": _missing_shard,
+    "index_and_shard_disagree": _index_disagrees,
+    "config_missing": _config_missing,
+    "config_unparsable": _config_unparsable,
+    "config_unsupported_model_type": _config_unsupported,
+    "config_sizes_disagree": _config_sizes,
+    "config_layer_count_disagrees": _config_layers,
+    "nan_weight": _nan_weight,
+    "inf_embedding": _inf_embedding,
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_INPUTS))
+def test_broken_input_is_refused(case, model, tmp_path, capsys):
+    expected = BROKEN_INPUTS[case](model)
+    refuse(slice_args(model, tmp_path / "out"), capsys, expected, inputs=(model,))
+
+
+def test_non_finite_weights_are_refused_by_the_engine_too(model, pristine, tmp_path, capsys):
+    """With saved rotations there is no calibration: the engine itself refuses to write NaN."""
+    rotations = tmp_path / "q.rotations"
+    assert (
+        run_cli(slice_args(pristine, tmp_path / "first", "--save-rotations", rotations), capsys)[0]
+        == 0
+    )
+    _nan_weight(model)
+    refuse(
+        slice_args(model, tmp_path / "out", "--rotations", rotations),
+        capsys,
+        rf"output tensor \"{re.escape(LAYER0)}\" would contain NaN or Inf",
+        inputs=(model,),
+    )
+
+
+# ------------------------------------------------------------------------- options and paths
+
+
+@pytest.mark.parametrize("sparsity", ["-0.1", "1", "1.5", "nan", "inf"])
+def test_bad_sparsity_is_refused(sparsity, pristine, tmp_path, capsys):
+    args = ["slice", pristine, "-o", tmp_path / "out", "--sparsity", sparsity, "-q"]
+    refuse(args, capsys, r"--sparsity must be in \[0, 1\)", inputs=(pristine,))
+
+
+def test_sparsity_zero_is_the_rotation_only_check(pristine, tmp_path, capsys):
+    args = ["slice", pristine, "-o", tmp_path / "out", "--sparsity", "0", *SLICE[2:]]
+    code, output = run_cli(args, capsys)
+    assert code == 0, output
+    assert "64 -> 64" in output
+
+
+def test_existing_output_is_refused_and_untouched(pristine, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    refuse_args = slice_args(pristine, out)
+    before = tree_hash(out)
+    code, output = run_cli(refuse_args, capsys)
+    assert code == 1 and "exists" in output and str(out) in output
+    assert tree_hash(out) == before
+
+
+def test_output_equal_to_or_inside_input_is_refused(model, capsys):
+    for out in (model, model / "sub"):
+        refuse(
+            ["slice", model, "-o", out, *SLICE],
+            capsys,
+            "must not be .*the input model directory",
+            inputs=(model,),
+        )
+
+
+@contextlib.contextmanager
+def read_only_dir(path: Path):
+    """A directory nobody (not even root) can write in: a read-only tmpfs when we may mount,
+    else permissions (which bind only non-root users)."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("running as root without permission to mount a read-only file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_output_location_is_refused(pristine, tmp_path, capsys):
+    with read_only_dir(tmp_path / "ro") as ro:
+        refuse(
+            slice_args(pristine, ro / "out"), capsys, rf"cannot write in {ro}", inputs=(pristine,)
+        )
+
+
+def test_rotations_for_a_different_model_are_refused(pristine, tmp_path, capsys):
+    rotations = tmp_path / "q.rotations"
+    assert (
+        run_cli(slice_args(pristine, tmp_path / "a", "--save-rotations", rotations), capsys)[0] == 0
+    )
+    # Same family and sizes, other weights: the shapes agree, only the fingerprint differs.
+    other = save_tiny_model("llama", tmp_path / "other", seed=1)
+    refuse(
+        slice_args(other, tmp_path / "out", "--rotations", rotations),
+        capsys,
+        r"rotations .*q.rotations: computed for a different model",
+        inputs=(other,),
+    )
+    # Another size: the record says so.
+    wide = save_tiny_model("llama", tmp_path / "wide", hidden_size=32)
+    refuse(
+        slice_args(wide, tmp_path / "out", "--rotations", rotations, "--round-to", "4"),
+        capsys,
+        r"made for hidden size 64 and 2 layers, but the model has 32 and 2",
+        inputs=(wide,),
+    )
+    # Not a rotations file at all.
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"PK\x03\x04 not really a zip")
+    refuse(slice_args(pristine, tmp_path / "out", "--rotations", junk), capsys, "junk.npz")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", r"the calibration text is empty"), ("hi there", r"shorter than one sequence")],
+)
+def test_bad_calibration_text_is_refused(text, expected, pristine, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
+    refuse(
+        slice_args(pristine, tmp_path / "out", "--calib", calib, "--seqlen", "64"),
+        capsys,
+        expected,
+        inputs=(pristine,),
+    )
