@@ -236,7 +236,7 @@ def test_non_finite_weights_are_refused_by_the_engine_too(model, pristine, tmp_p
 @pytest.mark.parametrize("sparsity", ["-0.1", "1", "1.5", "nan", "inf"])
 def test_bad_sparsity_is_refused(sparsity, pristine, tmp_path, capsys):
     args = ["slice", pristine, "-o", tmp_path / "out", "--sparsity", sparsity, "-q"]
-    refuse(args, capsys, r"--sparsity must be in \[0, 1\)", inputs=(pristine,))
+    refuse(args, capsys, r"sparsity must be in \[0, 1\)", inputs=(pristine,))
 
 
 def test_sparsity_zero_is_the_rotation_only_check(pristine, tmp_path, capsys):
