@@ -279,3 +279,12 @@ def test_q8_0_keeps_f16_where_rows_are_not_whole_blocks(plain_llama, converter, 
     assert set(result.f16_fallback_tensors) == {n for n, t in types.items() if t == "F16"}
     fallbacks = len(result.f16_fallback_tensors)
     assert f"{fallbacks} tensors stayed F16" in result.summary() and fallbacks == 14
+
+
+def test_the_export_command_does_not_import_torch():
+    """The converter runs in its own process: `dimcut export` itself stays light."""
+    code = "import sys, dimcut.export; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert output.stdout.strip() == "[]"
