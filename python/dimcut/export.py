@@ -83,7 +83,8 @@ class OutType(Choice):
 
 
 class ConversionError(RuntimeError):
-    """llama.cpp's converter failed; the message quotes the end of its output."""
+    """llama.cpp's converter could not be fetched, or failed; the message quotes the end of
+    pip's or the converter's output."""
 
 
 @dataclass(frozen=True)
