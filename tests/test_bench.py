@@ -267,3 +267,10 @@ def test_bench_inference_refuses_bad_models_and_foreign_slices(tiny_llama_dir, t
     assert "holds another slice" in capsys.readouterr().err
     assert main([*argv, "--formats", "plain", "--sparsities", "1.5"]) == 1
     assert "--sparsities" in capsys.readouterr().err
+
+
+def test_gap_closed_is_the_fraction_of_the_slicegpt_to_plain_gap_folding_recovers():
+    from dimcut.bench.inference import gap_closed
+
+    closed = gap_closed({"1": 10.0, "8": 40.0}, {"1": 12.0, "8": 40.0}, {"1": 11.5, "8": 41.0})
+    assert closed == {"1": 0.75, "8": None}  # no gap at batch 8: nothing to close

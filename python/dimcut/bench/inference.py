@@ -432,6 +432,15 @@ def ratios_to(reference: dict, row: dict) -> dict:
     }
 
 
+def gap_closed(slicegpt: dict, plain: dict, folded: dict) -> dict:
+    """Per batch: (folded − slicegpt) / (plain − slicegpt) of the rates; None without a gap."""
+    closed = {}
+    for batch, rate in slicegpt.items():
+        gap = plain[batch] - rate
+        closed[batch] = (folded[batch] - rate) / gap if gap > 0 else None
+    return closed
+
+
 def shortcut_cost(slicegpt: dict, plain: dict) -> dict:
     """Does `slicegpt` pay for its shortcuts? Measured decode ratios beside the FLOP estimate.
 
@@ -442,10 +451,6 @@ def shortcut_cost(slicegpt: dict, plain: dict) -> dict:
     per_cpu = "decode_tokens_per_cpu_s"
     ours_cpu, theirs_cpu = (decode_rates(r["batches"], per_cpu) for r in (slicegpt, plain))
     folded_cpu = decode_rates(slicegpt["folded"]["batches"], per_cpu)
-    gap_closed = {}
-    for batch in ours:
-        gap = theirs[batch] - ours[batch]
-        gap_closed[batch] = (folded[batch] - ours[batch]) / gap if gap > 0 else None
 
     def median_step(row: dict, batch: str) -> float:
         return row["batches"][batch]["decode_median_step_s"]
@@ -459,7 +464,8 @@ def shortcut_cost(slicegpt: dict, plain: dict) -> dict:
         "folded_speedup_cpu": {b: folded_cpu[b] / ours_cpu[b] for b in ours},
         "folded_decode_ratio": {b: folded[b] / theirs[b] for b in ours},
         "folded_speedup": {b: folded[b] / ours[b] for b in ours},
-        "gap_closed": gap_closed,
+        "gap_closed": gap_closed(ours, theirs, folded),
+        "gap_closed_cpu": gap_closed(ours_cpu, theirs_cpu, folded_cpu),
         "shortcut_flop_share": slicegpt["flops"]["shortcut_flop_share"],
         "shortcut_weight_share": slicegpt["flops"]["shortcut_weight_share"],
         "flop_predicted_ratio": plain["flops"]["decode_flops_per_token"]
@@ -679,5 +685,8 @@ def format_inference(report: dict) -> str:
             + ", ".join(f"b{b} {pair['folded_speedup_cpu'][b]:.3f}" for b in batches)
             + "); of the gap to plain it closes "
             + ", ".join(f"b{b} {cell(pair['gap_closed'][b], '{:.0%}')}" for b in batches)
+            + " (per CPU-second: "
+            + ", ".join(f"b{b} {cell(pair['gap_closed_cpu'][b], '{:.0%}')}" for b in batches)
+            + ")"
         )
     return "\n".join(lines)
