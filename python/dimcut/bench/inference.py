@@ -12,7 +12,11 @@ size (KV cache on, exactly `--new-tokens` new tokens) timed at every step by a l
 
 - first-token latency: from the call to the first logits (setup + prefill);
 - prefill tokens/s: batch × prompt tokens / first-token latency;
-- decode tokens/s: batch × (new tokens − 1) / time from the first to the last logits.
+- decode tokens/s: batch × (new tokens − 1) / time from the first to the last logits;
+- decode tokens per CPU-second: the same over the process's CPU time. On a machine that other
+  jobs share, compare contenders with `--threads 1` and this figure: several threads then spend
+  their time waiting for each other at every op (measured here at load 10 on 2 cores: a SmolLM2
+  decode step took 0.3 s wall and 0.04 CPU-s at 1 thread, 0.9-1.3 s and 0.25 CPU-s at 2).
 
 `slicegpt` layers multiply the residual by two shortcut matrices that `plain` does not have (its
 one rotation folds them all away). To measure what they cost, every `slicegpt` worker times its
