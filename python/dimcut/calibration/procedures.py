@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dimcut import _hooks
 from dimcut._core import DimcutError
 from dimcut.architectures import Architecture, load_architecture
 from dimcut.calibration.activations import (
@@ -142,8 +143,6 @@ class _Stream:
             target.flush()
             self.resume.save(layers_done, **state)
         self.bar.update()
-        from dimcut import _hooks
-
         _hooks.reached("calibration", layers_done)
 
 
