@@ -12,6 +12,7 @@ from dimcut.bench.inference import format_inference, run_inference
 from dimcut.bench.report import format_table, passed, write_json
 from dimcut.bench.slicing import CONTENDERS as SLICING_CONTENDERS
 from dimcut.bench.slicing import run_slicing
+from dimcut.runtime import Device
 
 JSON_DEFAULT = Path("bench-out/bench.json")
 DESCRIPTION = (
@@ -90,12 +91,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="name=DIR,... checkpoints to compare (dense or sliced, either format; zoo aliases "
         "work); default: --model-dir and its slices at --sparsities × --formats",
     )
-    infer.add_argument("--sparsities", default="0.25", help="slice --model-dir at these")
-    infer.add_argument("--formats", default="plain,slicegpt", help="... in these formats")
+    infer.add_argument(
+        "--sparsities", default="0.25", help="slice --model-dir at these, e.g. 0.25 or 0.1,0.25"
+    )
+    infer.add_argument(
+        "--formats", default="plain,slicegpt", help="slice --model-dir into these formats"
+    )
     infer.add_argument("--prompt-tokens", type=int, default=512, help="tokens per prompt")
     infer.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated")
     infer.add_argument("--batch-sizes", default="1,8", help="decode batch sizes")
-    infer.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    infer.add_argument(
+        "--device", default=Device.AUTO.value, choices=[d.value for d in Device], help="where"
+    )
     infer.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights"
     )
