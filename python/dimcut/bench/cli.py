@@ -101,7 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     infer.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated")
     infer.add_argument("--batch-sizes", default="1,8", help="decode batch sizes")
     infer.add_argument(
-        "--device", default=Device.AUTO.value, choices=[d.value for d in Device], help="where"
+        "--device",
+        default=Device.AUTO.value,
+        choices=[d.value for d in Device],
+        help="compute device (auto: CUDA when present)",
     )
     infer.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights"
