@@ -7,6 +7,7 @@ A harness outside the runtime: no dimcut module imports it, and the CLI imports 
 - `plan`, `baseline`, `slicing`: the `slicing` suite (engine vs PyTorch vs the GEMM limit);
 - `calibration`: the `calibration` suite (calibrate vs a transformers forward);
 - `e2e`: the `e2e` suite (`slice_model` vs the same streamed forward without PCA);
+- `inference`: the `inference` suite (dense vs sliced models: prefill, first token, decode);
 - `workers`, `child`: each contender in its own process, measuring its own peak RSS;
 - `report`, `cli`: tables, JSON and the command line.
 
