@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # Set before transformers / datasets are imported: they read these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# A shell starting the suite in the background ignores SIGINT, and child processes inherit an
+# ignored signal (Python then installs no KeyboardInterrupt handler): the Ctrl-C tests would see
+# their signal vanish. A caught signal is reset to the default in children, so catch it here.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest
 
