@@ -240,9 +240,13 @@ def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
     if dst == src or src in dst.parents:
         raise ValueError(f"output {out_dir}: must not be (inside) the input model directory")
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir}: the directory exists (pass overwrite=True / --overwrite)")
+        raise FileExistsError(
+            f"output {out_dir}: the directory exists (pass overwrite=True / --overwrite)"
+        )
     if not dst.parent.exists():
-        raise FileNotFoundError(f"output {out_dir}: the parent directory {dst.parent} does not exist")
+        raise FileNotFoundError(
+            f"output {out_dir}: the parent directory {dst.parent} does not exist"
+        )
     # Probe that the output location is writable (read-only file system, permissions) before
     # spending time on calibration; the engine writes a temporary directory there too.
     try:
