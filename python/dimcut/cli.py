@@ -10,7 +10,8 @@ import threading
 
 from dimcut import __version__
 
-# Command -> (the module defining it with `add_commands(subparsers)`, its one-line help). Only
+# Command -> (the module defining it with `add_commands(subparsers)`, its one-line help: the only
+# copy of it; the modules' parsers carry the long description). Only
 # the module of the command being run is imported, so `dimcut --help` and `dimcut fit` stay fast
 # (no torch).
 COMMANDS = {
@@ -20,7 +21,7 @@ COMMANDS = {
     "fit": ("dimcut.laws", "fit the sparsity laws to evaluated models"),
     "predict": ("dimcut.laws", "predict quality at a sparsity, or the sparsity within a budget"),
     "verify": ("dimcut.verify", "check a written checkpoint: headers, manifest, shapes, one layer"),
-    "bench": ("dimcut.bench", "benchmark slicing and calibration against baselines"),
+    "bench": ("dimcut.bench", "benchmark slicing, calibration, the whole slice, inference"),
     "export": ("dimcut.export", "write a plain-format or dense model as GGUF for llama.cpp"),
 }
 

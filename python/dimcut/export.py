@@ -384,7 +384,6 @@ def _tail(text: str) -> str:
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write a plain-format or dense model as GGUF for llama.cpp",
         description=(
             "Convert a plain-format (dimcut slice --format plain) or dense checkpoint into one "
             "GGUF file with llama.cpp's own converter (convert_hf_to_gguf.py), which dimcut "

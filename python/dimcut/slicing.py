@@ -260,7 +260,6 @@ def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "slice",
-        help="slice a model's hidden dimension (SliceGPT) and write it as safetensors",
         description=(
             "Compute PCA rotations of the residual stream from calibration text, rotate every "
             "weight and delete the low-variance directions, shrinking the hidden size D to "

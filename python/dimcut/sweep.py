@@ -144,7 +144,6 @@ def _reusable(rotations: Path, wanted: dict) -> bool:
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep",
-        help="slice at several sparsities and evaluate each point (resumable)",
         description=(
             "Evaluate the dense model once and every sparsity point, writing one results "
             "record per point into RUNS/ as it finishes. Rerunning resumes: finished points are "

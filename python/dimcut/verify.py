@@ -200,7 +200,6 @@ def _check_layer(path: Path, tensors: dict, model, report: VerifyReport) -> None
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "verify",
-        help="check a written checkpoint: headers, SHA-256 manifest, shapes, one layer",
         description=(
             "Check a checkpoint directory written by dimcut: every safetensors header and the "
             "index, the recorded size and SHA-256 of every file (dimcut-manifest.json), every "

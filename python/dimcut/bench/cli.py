@@ -133,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="benchmark slicing and calibration against baselines",
         description=DESCRIPTION,
     )
     add_arguments(parser)

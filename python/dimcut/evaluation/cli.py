@@ -119,7 +119,6 @@ def evaluation_options(args) -> dict:
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="measure perplexity and zero-shot accuracy of a dense or sliced model",
         description=(
             "Evaluate a checkpoint: perplexity by the GPTQ/SliceGPT protocol (documents joined "
             "with blank lines, tokenized once, non-overlapping windows) and lm-eval zero-shot "

@@ -33,7 +33,6 @@ def add_commands(subparsers) -> None:
     """Register `dimcut fit` and `dimcut predict`."""
     fit = subparsers.add_parser(
         "fit",
-        help="fit the sparsity laws to evaluated models",
         description=(
             "Fit the laws of arXiv 2503.04377 to results records (dimcut.results/1): "
             f"{PERPLEXITY_LAW.formula} and, per task, {ACCURACY_LAW.formula}, with s = 1 − d/D "
@@ -79,7 +78,6 @@ def add_commands(subparsers) -> None:
 
     predict_parser = subparsers.add_parser(
         "predict",
-        help="predict perplexity/accuracy at a sparsity, or the largest sparsity within a budget",
         description=(
             "Use a fit (from `dimcut fit --out`) to predict the metrics at an effective sparsity "
             "s = 1 − d/D, with prediction intervals, or invert it: the largest sparsity whose "
