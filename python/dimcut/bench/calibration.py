@@ -9,29 +9,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from dimcut.bench.workers import import_tokenizers, machine, run_worker, set_torch_threads
+from dimcut.bench.workers import machine, measure, run_worker, set_torch_threads
 from dimcut.runtime import peak_rss_bytes
 
 
 def worker_calibrate(workdir: Path, params: dict) -> dict:
     from dimcut.calibration import calibrate
 
-    set_torch_threads(params)
-    import_tokenizers()
-    rss_before = peak_rss_bytes()
-    start = time.perf_counter()
-    calibrated = calibrate(
-        params["model_dir"],
-        fmt="slicegpt",
-        width=params["width"],
-        nsamples=params["nsamples"],
-        seqlen=params["seqlen"],
-        device="cpu",
-        progress=False,
+    calibrated, measured = measure(
+        params,
+        lambda: calibrate(
+            params["model_dir"],
+            fmt="slicegpt",
+            width=params["width"],
+            nsamples=params["nsamples"],
+            seqlen=params["seqlen"],
+            device="cpu",
+            progress=False,
+        ),
     )
-    seconds = time.perf_counter() - start
     calibrated.close()
-    return {"seconds": seconds, "rss_before": rss_before}
+    return measured
 
 
 def worker_forward(workdir: Path, params: dict) -> dict:

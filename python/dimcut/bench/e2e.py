@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from dimcut.bench.checkpoints import KEEP_FRACTION, PRESETS, Shape, ensure_checkpoint
-from dimcut.bench.workers import import_tokenizers, machine, run_worker, set_torch_threads
-from dimcut.runtime import DEFAULT_MEMORY_BUDGET, peak_rss_bytes
+from dimcut.bench.workers import machine, measure, run_worker
+from dimcut.runtime import DEFAULT_MEMORY_BUDGET
 
 SPARSITY = 1 - KEEP_FRACTION
 # SliceGPT's calibration: 128 sequences of 2048 tokens.
@@ -40,48 +39,37 @@ PROJECTION = "total + (embed + forward + project + covariance + activations) × 
 def worker_slice(workdir: Path, params: dict) -> dict:
     from dimcut.slicing import slice_model
 
-    set_torch_threads(params)
-    import_tokenizers()
-    rss_before = peak_rss_bytes()
-    start = time.perf_counter()
-    result = slice_model(
-        params["checkpoint"],
-        params["sparsity"],
-        params["output"],
-        nsamples=params["nsamples"],
-        seqlen=params["seqlen"],
-        calib=None,
-        memory_budget=params["memory_budget"],
-        progress=False,
+    result, measured = measure(
+        params,
+        lambda: slice_model(
+            params["checkpoint"],
+            params["sparsity"],
+            params["output"],
+            nsamples=params["nsamples"],
+            seqlen=params["seqlen"],
+            calib=None,
+            memory_budget=params["memory_budget"],
+            progress=False,
+        ),
     )
-    return {
-        "seconds": time.perf_counter() - start,
-        "rss_before": rss_before,
-        "timings": result.timings,
-        "hidden_size": result.hidden_size,
-    }
+    return {**measured, "timings": result.timings, "hidden_size": result.hidden_size}
 
 
 def worker_forward(workdir: Path, params: dict) -> dict:
     from dimcut.calibration import streamed_forward
 
-    set_torch_threads(params)
-    import_tokenizers()
-    rss_before = peak_rss_bytes()
-    start = time.perf_counter()
-    timings = streamed_forward(
-        params["checkpoint"],
-        nsamples=params["nsamples"],
-        seqlen=params["seqlen"],
-        source=None,
-        memory_budget=params["memory_budget"],
-        progress=False,
+    timings, measured = measure(
+        params,
+        lambda: streamed_forward(
+            params["checkpoint"],
+            nsamples=params["nsamples"],
+            seqlen=params["seqlen"],
+            source=None,
+            memory_budget=params["memory_budget"],
+            progress=False,
+        ),
     )
-    return {
-        "seconds": time.perf_counter() - start,
-        "rss_before": rss_before,
-        "timings": timings.as_dict(),
-    }
+    return {**measured, "timings": timings.as_dict()}
 
 
 def worker_verify(workdir: Path, params: dict) -> dict:

@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,19 @@ def import_tokenizers() -> None:
     import them on first use (≈ 8 s on a busy 2-core machine), others at module import, and
     imports are not what the contenders' wall times compare."""
     from transformers import AutoTokenizer  # noqa: F401
+
+
+def measure(params: dict, work: Callable[[], object]) -> tuple[object, dict]:
+    """Run a contender's measured work with the threads set and transformers' tokenizer classes
+    imported before the clock; returns its result and {"seconds", "rss_before"}."""
+    from dimcut.runtime import peak_rss_bytes
+
+    set_torch_threads(params)
+    import_tokenizers()
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    value = work()
+    return value, {"seconds": time.perf_counter() - start, "rss_before": rss_before}
 
 
 def machine() -> dict:
