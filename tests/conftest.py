@@ -17,7 +17,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 import pytest
 
-from tiny_models import save_tiny_model, tiny_config
+from tiny_models import save_tiny_model, save_trained_tiny_model, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,12 @@ def tiny_llama_dir(tmp_path_factory):
 def pristine(tmp_path_factory):
     """The same tiny Llama sharded, with an index; never modified (tests that break it copy it)."""
     return save_tiny_model("llama", tmp_path_factory.mktemp("pristine") / "model")
+
+
+@pytest.fixture(scope="session")
+def trained_llama(tmp_path_factory):
+    """The tiny Llama trained on the built-in corpus (`save_trained_tiny_model`); never modified."""
+    return save_trained_tiny_model(tmp_path_factory.mktemp("trained") / "dense")
 
 
 @pytest.fixture

@@ -94,7 +94,9 @@ def leftovers(parent: Path, name: str = "out") -> list[str]:
     return sorted(
         p.name
         for p in parent.iterdir()
-        if p.name == name or p.name.startswith(f".{name}.") or p.name.endswith(".dimcut-resume")
+        if p.name == name
+        or p.name.startswith(f".{name}.")
+        or p.name.endswith((".dimcut-resume", ".dimcut-heal"))
     )
 
 

@@ -138,29 +138,6 @@ def test_saved_rotations_are_reused_and_checked(llama, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.fixture(scope="module")
-def trained_llama(tmp_path_factory):
-    """The tiny Llama after a few hundred Adam steps on the built-in corpus: it has learnt
-    enough structure for slicing to cost perplexity."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dense = save_tiny_model("llama", tmp_path_factory.mktemp("trained") / "dense", shard=None)
-    tokenizer = AutoTokenizer.from_pretrained(dense)
-    docs, _ = calibration_documents(None)
-    tokens = sample_sequences(tokenizer, docs[:600], 64, 64, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(150):
-        batch = tokens[torch.randint(0, len(tokens), (8,))]
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(dense)
-    return dense
-
-
 def test_perplexity_rises_with_sparsity(trained_llama, tmp_path):
     from dimcut.evaluation import perplexity
 

@@ -17,6 +17,7 @@ from dimcut import __version__
 COMMANDS = {
     "slice": ("dimcut.slicing", "slice a model's hidden dimension (SliceGPT) and write it"),
     "eval": ("dimcut.evaluation", "measure perplexity and zero-shot accuracy of a model"),
+    "heal": ("dimcut.healing", "recovery fine-tuning (LoRA, distilled from the dense model)"),
     "sweep": ("dimcut.sweep", "slice at several sparsities and evaluate each point (resumable)"),
     "fit": ("dimcut.laws", "fit the sparsity laws to evaluated models"),
     "predict": ("dimcut.laws", "predict quality at a sparsity, or the sparsity within a budget"),

@@ -176,6 +176,7 @@ def layer_linear_shapes(layer: nn.Module, width_in: int, width_mid: int, width_o
 class DimcutSlicedForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = DimcutSlicedConfig
     base_model_prefix = "model"
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True

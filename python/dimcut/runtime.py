@@ -116,3 +116,27 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def check_output_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse bad output locations for a model written from `model_dir` before any long work
+    (calibration, healing) is spent on it."""
+    src, dst = model_dir.resolve(), out_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"output {out_dir}: must not be (inside) the input model directory")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(
+            f"output {out_dir}: the directory exists (pass overwrite=True / --overwrite)"
+        )
+    if not dst.parent.exists():
+        raise FileNotFoundError(
+            f"output {out_dir}: the parent directory {dst.parent} does not exist"
+        )
+    # Probe that the output location is writable (read-only file system, permissions) before
+    # spending time on the work; the engine writes a temporary directory there too.
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{dst.name}.dimcut-probe-", dir=dst.parent)).rmdir()
+    except OSError as exc:
+        raise PermissionError(
+            f"output {out_dir}: cannot write in {dst.parent} ({exc.strerror or exc})"
+        ) from None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from dimcut.runtime import (
     DEFAULT_MEMORY_BUDGET,
     GIB,
     Device,
+    check_output_dir,
     engine_budget,
     package_version,
     peak_rss_bytes,
@@ -164,7 +164,7 @@ def slice_model(
     width = sliced_width(arch.hidden_size, sparsity, round_to)
     if fmt is Format.PLAIN:
         width = formats.stock_width(arch, width, round_to)
-    _check_output(model_dir, out_dir, overwrite)
+    check_output_dir(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
     if rotations_file is not None:
@@ -232,29 +232,6 @@ def slice_model(
         retained_variance=found.retained_variance(width),
         timings=timings,
     )
-
-
-def _check_output(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    """Refuse bad output locations before spending time on calibration."""
-    src, dst = model_dir.resolve(), out_dir.resolve()
-    if dst == src or src in dst.parents:
-        raise ValueError(f"output {out_dir}: must not be (inside) the input model directory")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(
-            f"output {out_dir}: the directory exists (pass overwrite=True / --overwrite)"
-        )
-    if not dst.parent.exists():
-        raise FileNotFoundError(
-            f"output {out_dir}: the parent directory {dst.parent} does not exist"
-        )
-    # Probe that the output location is writable (read-only file system, permissions) before
-    # spending time on calibration; the engine writes a temporary directory there too.
-    try:
-        Path(tempfile.mkdtemp(prefix=f".{dst.name}.dimcut-probe-", dir=dst.parent)).rmdir()
-    except OSError as exc:
-        raise PermissionError(
-            f"output {out_dir}: cannot write in {dst.parent} ({exc.strerror or exc})"
-        ) from None
 
 
 def add_commands(subparsers) -> None:

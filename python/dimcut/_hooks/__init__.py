@@ -4,7 +4,7 @@ a stray environment variable cannot make a user's run fail):
 
 - `DIMCUT_TEST_SIGNAL=POINT:AT:SIGNAL` makes the process send itself SIGNAL (e.g. SIGKILL,
   SIGTERM, SIGINT) when it reaches POINT with a value ≥ AT. Points: `calibration` (value:
-  decoder layers finished), `write` (fraction of the output bytes written by the engine),
+  decoder layers finished), `heal` (value: training steps finished), `write` (fraction of the output bytes written by the engine),
   `written` (value 1: the output is complete, the summary not printed yet).
 - `DIMCUT_FAULT_WRITE_AFTER=N` makes the engine's shard writes fail with "no space left on
   device" once N bytes of tensor data were written, as a full disk would.

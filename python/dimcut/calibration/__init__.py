@@ -16,7 +16,12 @@ from dimcut.calibration.rotations import (
     model_fingerprint,
     save_rotations,
 )
-from dimcut.calibration.text import BUILTIN_SOURCE, calibration_documents, sample_sequences
+from dimcut.calibration.text import (
+    BUILTIN_SOURCE,
+    calibration_documents,
+    sample_sequences,
+    sampled_text,
+)
 
 __all__ = [
     "BUILTIN_SOURCE",
@@ -32,6 +37,7 @@ __all__ = [
     "model_fingerprint",
     "resume_dir_for",
     "sample_sequences",
+    "sampled_text",
     "save_rotations",
     "streamed_forward",
 ]

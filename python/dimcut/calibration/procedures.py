@@ -11,7 +11,6 @@ time, and compute the PCA rotations of the residual stream.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 import time
@@ -38,7 +37,7 @@ from dimcut.calibration.rotations import (
     RotationStore,
     model_fingerprint,
 )
-from dimcut.calibration.text import calibration_documents, sample_sequences
+from dimcut.calibration.text import sampled_text
 from dimcut.plan import PLAIN_ROTATION, Format, RotationNames, Widths, plan_widths
 from dimcut.runtime import DEFAULT_MEMORY_BUDGET, activation_budget, engine_budget, torch_device
 from dimcut.tokenizers import load_tokenizer
@@ -266,16 +265,13 @@ def _open_stream(
     started = time.perf_counter()
     timings = Timings()
     tensors = inspect_checkpoint(model_dir)
-    documents, source_name = calibration_documents(settings.source)
     tokenizer = load_tokenizer(model_dir)
-    tokens = sample_sequences(tokenizer, documents, settings.nsamples, seqlen, settings.seed)
+    tokens, record = sampled_text(
+        settings.source, tokenizer, settings.nsamples, seqlen, settings.seed
+    )
     timings.tokens = tokens.numel()
     record = {
-        "source": source_name,
-        "nsamples": settings.nsamples,
-        "seqlen": seqlen,
-        "seed": settings.seed,
-        "token_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+        **record,
         **identity,
         "hidden_size": arch.hidden_size,
         "num_layers": arch.num_layers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import random
 from pathlib import Path
 
@@ -58,3 +59,20 @@ def sample_sequences(
             count = min(len(documents), max(count + 1, int(count * 1.2 * seqlen / len(ids)) + 1))
         samples.append(ids[:seqlen])
     return torch.tensor(samples, dtype=torch.long)
+
+
+def sampled_text(
+    source: str | None, tokenizer, nsamples: int, seqlen: int, seed: int
+) -> tuple[torch.Tensor, dict]:
+    """`sample_sequences` of a source's documents, and the record that identifies them: source
+    name, sampling options and the SHA-256 of the token ids."""
+    documents, name = calibration_documents(source)
+    tokens = sample_sequences(tokenizer, documents, nsamples, seqlen, seed)
+    record = {
+        "source": name,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "token_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+    }
+    return tokens, record

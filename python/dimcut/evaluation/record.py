@@ -27,6 +27,7 @@ def model_facts(model_dir: Path) -> dict:
             "hidden_size": width,
             "original_hidden_size": width,
             "calibration": None,
+            "heal": None,
         }
     source_model = block.get("source_model")
     return {
@@ -38,16 +39,30 @@ def model_facts(model_dir: Path) -> dict:
         "hidden_size": block["hidden_size"],
         "original_hidden_size": block["original_hidden_size"],
         "calibration": block.get("calibration"),
+        "heal": _heal_facts(block.get("heal")),
     }
 
 
-def overlaps_calibration(facts: dict, source_key: str) -> bool | None:
-    """Whether the perplexity text is the calibration text; None when that is unknown.
+def _heal_facts(heal: dict | None) -> dict | None:
+    """What a results record keeps of a `dimcut heal` provenance block."""
+    if heal is None:
+        return None
+    keys = ("loss", "steps", "batch_size", "lr", "topk", "train_shortcuts", "final_loss")
+    return {"data": heal.get("data"), **{key: heal.get(key) for key in keys}}
 
-    The calibration record names its text by `data_sources.source_key`, as `source_key` does.
+
+def overlaps_calibration(facts: dict, source_key: str) -> bool | None:
+    """Whether the perplexity text is text the model was calibrated (or healed) on; None when
+    the calibration is unknown.
+
+    The calibration and heal records name their text by `data_sources.source_key`, as
+    `source_key` does.
     """
     if facts["format"] == "dense":
         return False
+    healed_on = ((facts.get("heal") or {}).get("data") or {}).get("source")
+    if healed_on == source_key:
+        return True
     calibrated_on = (facts["calibration"] or {}).get("source")
     return None if calibrated_on is None else calibrated_on == source_key
 

@@ -125,6 +125,7 @@ def evaluate(
             "original_hidden_size": facts["original_hidden_size"],
             "parameters": count_parameters(model),
             "calibration": facts["calibration"],
+            "heal": facts["heal"],
         },
         "perplexity": ppl_entry,
         "tasks": task_entries,

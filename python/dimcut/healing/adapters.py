@@ -1,0 +1,101 @@
+"""LoRA adapters (through peft) on the sliced model's residual-facing linears, and the merge that
+turns them back into ordinary weights.
+
+Which linears get an adapter is the family's data (`architectures.FAMILIES`): every linear that
+reads a norm and every linear that writes the residual — SliceGPT's RFT targets, the attention
+and MLP projections. In the `slicegpt` format the shortcut matrices can be trained as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dimcut.architectures import FAMILIES, Family
+
+SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.05
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def family_of(config: dict) -> Family:
+    """The family of a sliced model's config (the slicegpt format names its base type)."""
+    return FAMILIES[config.get("base_model_type", config["model_type"])]
+
+
+def target_modules(family: Family) -> list[str]:
+    """Module names, relative to a decoder layer, that get an adapter."""
+    return [
+        *family.attention_inputs,
+        family.attention_output,
+        *family.mlp_inputs,
+        family.mlp_output,
+    ]
+
+
+def attach(model, family: Family, settings: LoraSettings, *, train_shortcuts: bool):
+    """The peft-wrapped model: LoRA on `target_modules`, every other weight frozen (the
+    shortcut matrices trainable with `train_shortcuts`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target_modules(family),
+        bias="none",
+    )
+    wrapped = get_peft_model(model, config)
+    for name, parameter in wrapped.named_parameters():
+        if name.rsplit(".", 1)[-1] in SHORTCUTS:
+            parameter.requires_grad_(train_shortcuts)
+    return wrapped
+
+
+def trainable_state(wrapped) -> dict[str, torch.Tensor]:
+    """What training changes (adapter matrices, trained shortcuts), by parameter name."""
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in wrapped.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def restore_trainable_state(wrapped, state: dict[str, torch.Tensor]) -> None:
+    parameters = dict(wrapped.named_parameters())
+    missing = sorted(set(state) ^ {n for n, p in parameters.items() if p.requires_grad})
+    if missing:
+        raise ValueError(f"the heal checkpoint does not match the model: {missing[:3]} ...")
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
+
+
+def merged_weights(wrapped, family: Family, num_layers: int, *, train_shortcuts: bool):
+    """Merge the adapters into the weights (W + (α/r)·B·A, peft's `merge_and_unload`); returns
+    the float32 arrays of every tensor that changed, by checkpoint tensor name."""
+    merged = wrapped.merge_and_unload()
+    state = merged.state_dict()
+    names = [
+        f"model.layers.{i}.{module}.weight"
+        for i in range(num_layers)
+        for module in target_modules(family)
+    ]
+    if train_shortcuts:
+        names += [f"model.layers.{i}.{s}" for i in range(num_layers) for s in SHORTCUTS]
+    return {name: np.ascontiguousarray(state[name].detach().float().numpy()) for name in names}

@@ -1,0 +1,372 @@
+"""`heal()`: recovery fine-tuning of a sliced model, distilled from its dense parent.
+
+The data flow: sample training text (as calibration does) → the teacher's top-k targets, once
+(`teacher`) → LoRA adapters on the student (`adapters`) → train, checkpointing into
+`<OUT>.dimcut-heal/` (`state`) → merge the adapters and write OUT through the engine, which
+copies every untouched tensor and file of the sliced model and renames the output into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dimcut import _hooks
+from dimcut.architectures import read_config
+from dimcut.calibration.text import sampled_text
+from dimcut.engine import TensorOp, inspect_checkpoint, rewrite_checkpoint
+from dimcut.evaluation.record import checkpoint_fingerprint
+from dimcut.healing import adapters, state, teacher
+from dimcut.healing.losses import Loss, kd_loss, lm_loss
+from dimcut.runtime import (
+    DEFAULT_MEMORY_BUDGET,
+    check_output_dir,
+    engine_budget,
+    package_version,
+    peak_rss_bytes,
+    torch_device,
+)
+from dimcut.tokenizers import load_tokenizer
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    """How to heal; every field is recorded in the output's provenance and must match to
+    resume."""
+
+    steps: int = 200
+    seqlen: int = 512
+    batch_size: int = 1
+    lr: float = 5e-4
+    loss: Loss = Loss.KD
+    topk: int = 64
+    lora: adapters.LoraSettings = field(default_factory=adapters.LoraSettings)
+    train_shortcuts: bool = False
+    data: str | None = None
+    seed: int = 42
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "loss", Loss.parse(self.loss, "loss"))
+
+    def check(self) -> None:
+        for name in ("steps", "seqlen", "batch_size", "topk"):
+            if getattr(self, name) < (2 if name == "seqlen" else 1):
+                raise ValueError(f"{name} must be at least {2 if name == 'seqlen' else 1}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.lora.check()
+
+    def record(self) -> dict:
+        fields = asdict(self)
+        fields["loss"] = self.loss.value
+        return fields
+
+
+@dataclass
+class HealResult:
+    """What `heal` did: the losses, time and memory."""
+
+    output: Path
+    format: str
+    steps: int
+    tokens: int
+    initial_loss: float
+    final_loss: float
+    seconds: float
+    teacher_seconds: float
+    peak_rss_bytes: int
+    resumed_at: int = 0
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else float("nan")
+        return "\n".join(
+            [
+                f"healed model     {self.output} (format {self.format})",
+                (
+                    f"training loss    {self.initial_loss:.4f} -> {self.final_loss:.4f} "
+                    f"(mean of the first and last {state.LOSS_WINDOW} steps)"
+                ),
+                f"steps            {self.steps} ({self.tokens:,} tokens"
+                + (f", resumed at step {self.resumed_at})" if self.resumed_at else ")"),
+                (
+                    f"wall time        {self.seconds:.1f} s ({rate:.0f} tokens/s; teacher "
+                    f"{self.teacher_seconds:.1f} s)"
+                ),
+                f"peak memory      {self.peak_rss_bytes / 2**20:.0f} MiB (RSS)",
+            ]
+        )
+
+
+def heal(
+    sliced_dir: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    options: HealOptions | None = None,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    keep_adapter: bool = False,
+    checkpoint_every: int = 50,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> HealResult:
+    """Fine-tune the sliced model in `sliced_dir` with LoRA, distilled from (or, with
+    `Loss.LM`, without) its dense parent `teacher_dir`, and write the merged model to
+    `out_dir` in the same format.
+
+    Training state is checkpointed every `checkpoint_every` steps into `<out_dir>.dimcut-heal/`
+    (removed once the output is complete); `resume=True` continues from it. `keep_adapter` also
+    writes the adapter (peft format, on top of the sliced model) to `<out_dir>-adapter/`.
+    """
+    started = time.perf_counter()
+    options = options or HealOptions()
+    options.check()
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    sliced_dir, teacher_dir, out_dir = Path(sliced_dir), Path(teacher_dir), Path(out_dir)
+    config = read_config(sliced_dir)
+    check_output_dir(sliced_dir, out_dir, overwrite)
+    tokenizer = load_tokenizer(sliced_dir)
+    provenance = teacher.check_parent(sliced_dir, teacher_dir, tokenizer)
+    if options.train_shortcuts and not provenance.get("shortcuts"):
+        raise ValueError(
+            f"train_shortcuts: the {provenance.get('format')} model {sliced_dir} has no "
+            "shortcut matrices"
+        )
+    adapter_dir = out_dir.with_name(out_dir.name + "-adapter")
+    if keep_adapter and adapter_dir.exists() and not overwrite:
+        raise FileExistsError(f"adapter output {adapter_dir}: the directory exists")
+    torch_dev = torch_device(device)
+    tokens, data_record = sampled_text(
+        options.data, tokenizer, options.steps * options.batch_size, options.seqlen, options.seed
+    )
+    identity = {
+        **options.record(),
+        "data": data_record,  # the text as sampled (the option only named its source)
+        "sliced_fingerprint": checkpoint_fingerprint(sliced_dir),
+        "teacher_fingerprint": checkpoint_fingerprint(teacher_dir),
+    }
+    state_dir = state.state_dir_for(out_dir)
+    saved = state.open_state(state_dir, identity, resume=resume)
+
+    teacher_seconds = 0.0
+    targets = None
+    if options.loss.needs_teacher:
+        key = f"{data_record['token_sha256']}:{options.topk}:{identity['teacher_fingerprint']}"
+        targets = teacher.load_targets(state_dir / teacher.TARGETS_FILE, key)
+        if targets is None:
+            values, indices, run = teacher.teacher_targets(
+                teacher_dir,
+                tokens,
+                options.topk,
+                device=torch_dev,
+                dtype=options.dtype,
+                progress=progress,
+            )
+            teacher.save_targets(state_dir / teacher.TARGETS_FILE, values, indices, key)
+            targets, teacher_seconds = (values, indices), run["seconds"]
+
+    family = adapters.family_of(config)
+    model = _load_student(sliced_dir, torch_dev, options)
+    torch.manual_seed(options.seed)  # the adapters' initial values, then LoRA dropout
+    wrapped = adapters.attach(model, family, options.lora, train_shortcuts=options.train_shortcuts)
+    trainer = _Trainer(wrapped, tokens, targets, options, torch_dev)
+    resumed_at = 0
+    if saved is not None:
+        resumed_at = trainer.restore(saved)
+    trainer.train(state_dir, checkpoint_every, progress)
+
+    if keep_adapter:
+        _save_adapter(wrapped, adapter_dir, overwrite)
+    merged = adapters.merged_weights(
+        wrapped,
+        family,
+        int(config["num_hidden_layers"]),
+        train_shortcuts=options.train_shortcuts,
+    )
+    losses = trainer.losses
+    window = state.LOSS_WINDOW
+    heal_record = {
+        "version": package_version(),
+        "teacher": str(teacher_dir.resolve()),
+        **identity,
+        "lora": {**asdict(options.lora), "target_modules": adapters.target_modules(family)},
+        "initial_loss": sum(losses[:window]) / len(losses[:window]),
+        "final_loss": sum(losses[-window:]) / len(losses[-window:]),
+    }
+    _write_healed(sliced_dir, out_dir, config, merged, heal_record, overwrite, progress)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete: state is moot
+    _hooks.reached("written", 1)
+    return HealResult(
+        output=out_dir,
+        format=provenance.get("format", "?"),
+        steps=options.steps,
+        tokens=options.steps * options.batch_size * options.seqlen,
+        initial_loss=heal_record["initial_loss"],
+        final_loss=heal_record["final_loss"],
+        seconds=time.perf_counter() - started,
+        teacher_seconds=teacher_seconds,
+        peak_rss_bytes=peak_rss_bytes(),
+        resumed_at=resumed_at,
+    )
+
+
+def _load_student(sliced_dir: Path, device: torch.device, options: HealOptions):
+    from dimcut.formats import load
+
+    model, _ = load(sliced_dir, device=str(device), dtype=options.dtype)
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class _Trainer:
+    """AdamW on the trainable parameters, linear warm-up then cosine decay to a tenth of lr,
+    gradients clipped to norm 1; one pass over the training sequences in a seeded order."""
+
+    def __init__(self, wrapped, tokens, targets, options: HealOptions, device: torch.device):
+        self.model, self.tokens, self.targets = wrapped, tokens, targets
+        self.options, self.device = options, device
+        self.parameters = [p for p in wrapped.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=options.lr, weight_decay=0.0)
+        warmup = max(1, options.steps // 20)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, options.steps - warmup)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        generator = torch.Generator().manual_seed(options.seed)
+        self.order = torch.randperm(tokens.shape[0], generator=generator)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def restore(self, saved: dict) -> int:
+        adapters.restore_trainable_state(self.model, saved["trainable"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        self.step, self.losses = saved["step"], list(saved["losses"])
+        return self.step
+
+    def snapshot(self) -> dict:
+        return {
+            "step": self.step,
+            "losses": self.losses,
+            "trainable": adapters.trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        batch = self.tokens[rows].to(self.device)
+        logits = self.model(input_ids=batch, use_cache=False).logits
+        total = torch.zeros((), device=self.device)
+        if self.options.loss.needs_teacher:
+            values, indices = (t[rows].to(self.device) for t in self.targets)
+            total = total + kd_loss(logits[:, :-1], values, indices)
+        if self.options.loss is not Loss.KD:
+            total = total + lm_loss(logits, batch)
+        return total
+
+    def train(self, state_dir: Path, checkpoint_every: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        options = self.options
+        tokens_per_step = options.batch_size * options.seqlen
+        self.model.train()
+        bar = tqdm(
+            total=options.steps,
+            initial=self.step,
+            desc="healing",
+            unit="step",
+            disable=not progress,
+        )
+        clock = time.perf_counter()
+        with bar:
+            while self.step < options.steps:
+                start = self.step * options.batch_size
+                loss = self.loss(self.order[start : start + options.batch_size])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.losses.append(loss.item())
+                self.step += 1
+                if not math.isfinite(self.losses[-1]):
+                    raise ValueError(
+                        f"the training loss became {self.losses[-1]} at step {self.step}; "
+                        "lower the learning rate (--lr)"
+                    )
+                if self.step % checkpoint_every == 0 and self.step < options.steps:
+                    state.save_checkpoint(state_dir, self.snapshot())
+                elapsed = time.perf_counter() - clock
+                recent = self.losses[-state.LOSS_WINDOW :]
+                bar.set_postfix(
+                    loss=f"{sum(recent) / len(recent):.4f}",
+                    tok_s=f"{tokens_per_step * bar.n / max(elapsed, 1e-9):.0f}" if bar.n else "-",
+                )
+                bar.update(1)
+                _hooks.reached("heal", self.step)
+        self.model.eval()
+
+
+def _save_adapter(wrapped, adapter_dir: Path, overwrite: bool) -> None:
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
+    try:
+        wrapped.save_pretrained(str(staging))
+        if adapter_dir.exists() and overwrite:
+            shutil.rmtree(adapter_dir)
+        staging.rename(adapter_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_healed(sliced_dir, out_dir, config, merged, heal_record, overwrite, progress) -> None:
+    """OUT = the sliced checkpoint with the merged tensors replaced (in their own dtype) and the
+    heal recorded under config.json's "dimcut" block; every other file is copied."""
+    ops = [
+        TensorOp(name, literal=name, dtype=dtype) if name in merged else TensorOp(name, name)
+        for name, (dtype, _shape, _file) in inspect_checkpoint(sliced_dir).items()
+    ]
+    config = {**config, "dimcut": {**config["dimcut"], "heal": heal_record}}
+    rewrite_checkpoint(
+        sliced_dir,
+        out_dir,
+        ops,
+        merged,
+        extra_files={"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"},
+        memory_budget=engine_budget(DEFAULT_MEMORY_BUDGET),
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def interrupted_hint(out_dir: str | Path) -> str | None:
+    """What to tell a user whose heal was interrupted, when a checkpoint was left."""
+    checkpoint = state.state_dir_for(Path(out_dir)) / state.CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        return None
+    return (
+        f"dimcut heal: training state kept in {checkpoint.parent}; rerun the same command with "
+        "--resume to continue after the last checkpoint"
+    )
