@@ -104,3 +104,26 @@ def test_bad_sparsities_are_refused():
     for text in ("0,0.5", "0.2,1", "abc", ""):
         with pytest.raises(ValueError, match="--sparsities"):
             sweep.parse_sparsities(text)
+
+
+def test_a_healed_sweep_heals_every_sliced_point(trained_llama, setup, tmp_path):
+    _, eval_options = setup
+    heal_options = dimcut.HealOptions(steps=20, seqlen=64, lr=2e-3)
+    ppl = {}
+    for name, options in (("sliced", None), ("healed", heal_options)):
+        records = sweep.sweep(
+            trained_llama,
+            [0.5],
+            tmp_path / name,
+            slice_options={"fmt": "plain", **SLICE, "seqlen": 64},
+            eval_options=eval_options,
+            heal_options=options,
+            progress=False,
+        )
+        data = [json.loads(p.read_text()) for p in records]
+        assert data[0]["model"]["heal"] is None  # the dense reference is never healed
+        ppl[name] = [d["perplexity"]["ppl"] for d in data]
+        assert list((tmp_path / name / "models").iterdir()) == []
+    assert data[1]["model"]["heal"]["steps"] == 20 and data[1]["model"]["heal"]["loss"] == "kd"
+    assert ppl["healed"][0] == ppl["sliced"][0]
+    assert ppl["healed"][1] < 0.97 * ppl["sliced"][1], ppl

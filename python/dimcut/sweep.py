@@ -4,6 +4,9 @@ Layout of RUNS/: `dense.json` and `s<sparsity>.json` results records (written at
 point finishes, so a crash loses at most the point in progress), `models/s<sparsity>/` sliced
 checkpoints while being evaluated (kept with --keep-models), and for the plain format
 `rotations-plain/`, computed once and reused by every point made with the same calibration.
+With healing (`--heal-steps N`), each sliced point is healed from the dense model into
+`models/s<sparsity>-healed/` before it is evaluated, so the laws can be fitted on healed models;
+an interrupted heal resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dimcut.evaluation import (
     evaluate,
     write_results,
 )
+from dimcut.healing import HealOptions, Loss, heal
 from dimcut.runtime import Device
 from dimcut.slicing import add_cut_arguments, cut_options, slice_model
 from dimcut.zoo import MODEL_HELP, resolve_model
@@ -62,9 +66,11 @@ def sweep(
     eval_options: dict | None = None,
     label: str | None = None,
     keep_models: bool = False,
+    heal_options: HealOptions | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Run (or resume) a sweep; returns the record paths, dense first."""
+    """Run (or resume) a sweep; returns the record paths, dense first. With `heal_options`,
+    every sliced point is healed (distilled from `model_dir`) before it is evaluated."""
     from tqdm.auto import tqdm
 
     model_dir, runs_dir = Path(model_dir), Path(runs_dir)
@@ -117,11 +123,25 @@ def sweep(
                 model_dir, sparsity, sliced_dir, overwrite=True, progress=progress, **options
             )
             target = sliced_dir
+            if heal_options is not None:
+                target = sliced_dir.with_name(sliced_dir.name + "-healed")
+                heal(
+                    sliced_dir,
+                    model_dir,
+                    target,
+                    heal_options,
+                    device=slice_options.get("device", "auto"),
+                    resume=True,
+                    overwrite=True,
+                    progress=progress,
+                )
         record = evaluate(target, label=label, **eval_options)
         record["sweep"] = {"point_seconds": time.perf_counter() - started}
         write_results(record, record_path)
         if sparsity > 0 and not keep_models:
             shutil.rmtree(sliced_dir)
+            if target != sliced_dir:
+                shutil.rmtree(target)
     bar.close()
     return records
 
@@ -184,6 +204,18 @@ def add_commands(subparsers) -> None:
     group.add_argument("--task-data", default=None)
     group.add_argument("--limit", type=int, default=None)
     group.add_argument("--batch-size", type=int, default=1)
+    group = parser.add_argument_group("healing (see `dimcut heal --help`)")
+    group.add_argument(
+        "--heal-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="heal every sliced point for N steps before evaluating it (default 0: no healing)",
+    )
+    group.add_argument("--heal-data", default=None, help="healing text (default: built-in)")
+    group.add_argument(
+        "--heal-loss", choices=Loss.values(), default=HealOptions().loss.value, help="heal loss"
+    )
     parser.add_argument("--device", choices=Device.values(), default=Device.AUTO.value)
     parser.set_defaults(func=_run_sweep)
 
@@ -207,6 +239,9 @@ def _run_sweep(args) -> int:
         },
         label=args.label,
         keep_models=args.keep_models,
+        heal_options=HealOptions(steps=args.heal_steps, data=args.heal_data, loss=args.heal_loss)
+        if args.heal_steps > 0
+        else None,
         progress=not args.quiet,
     )
     print(f"{len(records)} records in {args.output}; fit them with `dimcut fit {args.output}`")
