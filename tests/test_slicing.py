@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import dimcut
+from dimcut.architectures import load_architecture
 from helpers import SLICE, refuse, run_cli, slice_args, tree_hash
 from tiny_models import save_tiny_model
 
@@ -339,3 +341,37 @@ def test_bad_calibration_text_is_refused(text, expected, pristine, tmp_path, cap
         expected,
         inputs=(pristine,),
     )
+
+
+@pytest.mark.parametrize("fmt", ["slicegpt", "plain"])
+@pytest.mark.parametrize("target", [0.8, 0.95, 100_000])
+def test_a_parameter_budget_is_met_by_the_written_count(pristine, tmp_path, capsys, fmt, target):
+    """The width is the largest whose output fits the budget; the count the summary reports is
+    the written checkpoint's, and one width step more would not fit."""
+    from dimcut.slicing import budget_width, parameter_budget
+
+    dense = dimcut.count_parameters(pristine)["total"]
+    budget = parameter_budget(target, dense)
+    args = ["slice", pristine, "-o", tmp_path / "out", "--format", fmt, "--target-params"]
+    code, output = run_cli([*args, str(target), *SLICE[2:]], capsys)
+    assert code == 0, output
+    written = dimcut.count_parameters(tmp_path / "out")
+    assert written["total"] <= budget
+    arch = load_architecture(pristine)
+    width, following = budget_width(arch, fmt, budget, 8, False)
+    assert written["hidden_size"] == width and following > budget
+    assert f"{written['total']:,}" in output and f"{budget:,} parameters" in output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["dimcut"]
+    assert config["target_params"] == budget and config["effective_sparsity"] == 1 - width / 64
+
+
+def test_an_unreachable_budget_is_refused(pristine, tmp_path, capsys):
+    refuse(
+        ["slice", pristine, "-o", tmp_path / "out", "--target-params", "1000", *SLICE[2:]],
+        capsys,
+        "below the smallest slicegpt output",
+        inputs=(pristine,),
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["slice", pristine, "-o", tmp_path / "o", "--target-params", "x"], capsys)
+    assert exit_info.value.code == 2 and "--target-params" in capsys.readouterr().err

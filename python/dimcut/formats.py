@@ -78,6 +78,32 @@ def _stock_config_accepts(arch: Architecture, width: int) -> bool:
     return True
 
 
+def output_config(arch: Architecture, fmt, widths: Widths, provenance: dict) -> dict:
+    """config.json of an output of `arch` with these widths (uniform for `plain`)."""
+    if str(getattr(fmt, "value", fmt)) == "plain":
+        return plain_config(arch, widths.embedding, provenance)
+    return slicegpt_config(arch, widths, provenance)
+
+
+def skeleton(config: dict):
+    """The model a config.json dict describes, on the meta device (no memory, no weights),
+    built from local classes only."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("auto_map",)}
+    built = AutoConfig.for_model(**fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(built, trust_remote_code=False)
+
+
+def planned_parameters(arch: Architecture, fmt, widths: Widths) -> dict:
+    """{"total", "shortcuts", "without_shortcuts"} of the output these widths would make: the
+    parameters of the very classes that load it (the outputs never tie the head)."""
+    model = skeleton(output_config(arch, fmt, widths, {}))
+    return split_shortcuts((name, p.numel()) for name, p in model.state_dict().items())
+
+
 def output_files(config: dict, fmt: str) -> dict[str, bytes]:
     files = {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
     if fmt == "slicegpt":

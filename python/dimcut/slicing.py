@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -43,6 +44,9 @@ class SliceResult:
     retained_variance: dict[str, float] = field(default_factory=dict)
     # Seconds per phase: calibration's (see calibration.Timings) and the engine's "rewrite".
     timings: dict = field(default_factory=dict)
+    # With a parameter budget: the budget and what the next wider width would have needed.
+    target_params: int | None = None
+    next_width_parameters: int | None = None
 
     @property
     def effective_sparsity(self) -> float:
@@ -64,6 +68,16 @@ class SliceResult:
             f"parameters       {before:,} -> {change(counts['total'])}",
             f"  w/o shortcuts  {change(counts['without_shortcuts'])}",
         ]
+        if self.target_params is not None:
+            bound = (
+                f"the next width up would have {self.next_width_parameters:,}"
+                if self.next_width_parameters is not None
+                else "met at full width"
+            )
+            lines.append(
+                f"budget           {self.target_params:,} parameters: the width was chosen by "
+                f"it ({bound})"
+            )
         if self.retained_variance:
             kept = list(self.retained_variance.values())
             lines.append(
@@ -130,9 +144,10 @@ def write_sliced_model(
 
 def slice_model(
     model_dir: str | Path,
-    sparsity: float,
+    sparsity: float | None,
     out_dir: str | Path,
     *,
+    target_params: float | None = None,
     fmt: Format | str = Format.SLICEGPT,
     calib: str | None = None,
     nsamples: int = 128,
@@ -152,6 +167,10 @@ def slice_model(
 ) -> SliceResult:
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
 
+    Instead of a sparsity, `target_params` sets a parameter budget — a fraction of the dense
+    model's parameters (≤ 1) or a count — and the width is the largest whose output (head and
+    shortcut matrices included) has at most that many parameters (pass `sparsity=None`).
+
     `memory_budget` (bytes) bounds what dimcut itself holds: calibration activations beyond half
     of it spill to disk, the engine's tiles use a quarter. `resume=True` keeps calibration state
     after every layer in `<out_dir>.dimcut-resume/` and continues from it when it exists; it is
@@ -161,9 +180,17 @@ def slice_model(
     fmt = Format.parse(fmt)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     arch = load_architecture(model_dir)
-    width = sliced_width(arch.hidden_size, sparsity, round_to)
-    if fmt is Format.PLAIN:
-        width = formats.stock_width(arch, width, round_to)
+    budget = next_count = None
+    if (sparsity is None) == (target_params is None):
+        raise ValueError("give exactly one of sparsity and target_params")
+    if target_params is not None:
+        budget = parameter_budget(target_params, formats.count_parameters(model_dir)["total"])
+        width, next_count = budget_width(arch, fmt, budget, round_to, slice_head)
+        sparsity = 1 - width / arch.hidden_size
+    else:
+        width = sliced_width(arch.hidden_size, sparsity, round_to)
+        if fmt is Format.PLAIN:
+            width = formats.stock_width(arch, width, round_to)
     check_output_dir(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
@@ -192,6 +219,7 @@ def slice_model(
             calibration.save_rotations(save_rotations, found)
         provenance = {
             "sparsity": sparsity,
+            "target_params": budget,
             "round_to": round_to,
             "source_model": str(model_dir.resolve()),
             "rotation_source": str(rotations_file) if rotations_file else "calibration",
@@ -231,7 +259,70 @@ def slice_model(
         calibration=found.record,
         retained_variance=found.retained_variance(width),
         timings=timings,
+        target_params=budget,
+        next_width_parameters=next_count,
     )
+
+
+_COUNT_SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+
+
+def parse_parameter_count(text: str) -> float:
+    """`--target-params`: 0.8, 95000000, 120M, 1.2B."""
+    import argparse
+
+    number, scale = text.strip(), 1.0
+    if number[-1:].upper() in _COUNT_SUFFIXES:
+        number, scale = number[:-1], _COUNT_SUFFIXES[number[-1].upper()]
+    try:
+        return float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction or a count such as 0.8, 120M, 1.2B; got {text!r}"
+        ) from None
+
+
+def parameter_budget(target: float, dense_parameters: int) -> int:
+    """A budget given as a fraction of the dense model (≤ 1) or as a count, in parameters."""
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+        raise ValueError(f"target_params must be a positive fraction or count, got {target!r}")
+    return int(target * dense_parameters) if target <= 1 else int(target)
+
+
+def budget_width(
+    arch, fmt: Format, budget: int, round_to: int, slice_head: bool
+) -> tuple[int, int | None]:
+    """The largest width (a multiple of `round_to`; for `plain` one its stock config accepts)
+    whose output has at most `budget` parameters, and the count of the next wider one (None
+    at full width). Parameter counts grow with the width, so a bisection finds it."""
+    fmt = Format.parse(fmt)
+    widths = list(range(round_to, arch.hidden_size + 1, round_to))
+    if fmt is Format.PLAIN:
+        widths = [w for w in widths if formats.stock_width(arch, w, 1) == w]
+
+    def count(width: int) -> int:
+        return formats.planned_parameters(arch, fmt, plan_widths(arch, fmt, width, slice_head))[
+            "total"
+        ]
+
+    if not widths:
+        raise ValueError(f"no width is a valid stock {arch.model_type} hidden size")
+    smallest = count(widths[0])
+    if smallest > budget:
+        raise ValueError(
+            f"target_params: {budget:,} parameters is below the smallest {fmt.value} output of "
+            f"this model ({smallest:,} at width {widths[0]}): the embedding and head alone "
+            "need more"
+        )
+    low, high = 0, len(widths) - 1  # count(widths[low]) <= budget
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count(widths[middle]) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    following = count(widths[low + 1]) if low + 1 < len(widths) else None
+    return widths[low], following
 
 
 def add_commands(subparsers) -> None:
@@ -248,11 +339,19 @@ def add_commands(subparsers) -> None:
         "model",
         help=zoo.MODEL_HELP,
     )
-    parser.add_argument(
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument(
         "--sparsity",
         type=float,
-        required=True,
         help="fraction s of the hidden width to remove, 0 ≤ s < 1",
+    )
+    size.add_argument(
+        "--target-params",
+        type=parse_parameter_count,
+        metavar="FRACTION|COUNT",
+        help="a parameter budget instead of a sparsity: a fraction of the dense model (0.8) or "
+        "a count (120M, 1.2B, 95000000); the width is the largest whose output — head and "
+        "shortcut matrices counted — fits in it",
     )
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     add_cut_arguments(parser, seqlen_alias=True)
@@ -381,6 +480,7 @@ def _slice_from_args(args) -> SliceResult:
         zoo.resolve_model(args.model),
         args.sparsity,
         args.output,
+        target_params=args.target_params,
         **cut_options(args),
         device=args.device,
         rotations_file=args.rotations,

@@ -131,14 +131,9 @@ def _check_manifest(path: Path, report: VerifyReport, required: bool) -> None:
 
 def _skeleton(path: Path):
     """The model config.json describes, built on the meta device from local classes only."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from dimcut import formats
 
-    from dimcut import modeling_dimcut  # noqa: F401 -- importing it registers the sliced class
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return formats.skeleton(json.loads((path / "config.json").read_text()))
 
 
 def _check_shapes(path: Path, tensors: dict, report: VerifyReport):
