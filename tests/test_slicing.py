@@ -375,3 +375,66 @@ def test_an_unreachable_budget_is_refused(pristine, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["slice", pristine, "-o", tmp_path / "o", "--target-params", "x"], capsys)
     assert exit_info.value.code == 2 and "--target-params" in capsys.readouterr().err
+
+
+def test_a_widths_file_round_trips_through_the_config_and_loads(pristine, tmp_path, capsys):
+    schedule = [48, 56, 40, 64, 32]  # embedding, then (mid, out) of each of the 2 layers
+    file = tmp_path / "widths.json"
+    file.write_text(json.dumps(schedule))
+    code, output = run_cli(
+        ["slice", pristine, "-o", tmp_path / "out", "--widths", file, *SLICE[2:]], capsys
+    )
+    assert code == 0, output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["embedding_width"] == 48
+    assert config["mid_widths"] == [56, 64] and config["out_widths"] == [40, 32]
+    from dimcut.verify import verify
+
+    assert verify(tmp_path / "out").ok
+    model, tokenizer = dimcut.load(tmp_path / "out")
+    ids = tokenizer("Paris is the capital of France.", return_tensors="pt").input_ids
+    assert model(ids).logits.isfinite().all()
+    counts = dimcut.count_parameters(tmp_path / "out")
+    # The recorded width is the uniform one with the same parameter budget.
+    arch = load_architecture(pristine)
+    from dimcut.slicing import budget_width
+
+    assert counts["hidden_size"] == budget_width(arch, "slicegpt", counts["total"], 8, False)[0]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "extra", "match"),
+    [
+        ([48, 56], [], "2·layers \\+ 1 = 5"),
+        ([48, 56, 40, 64, 99], [], "integers in \\[1, 64\\]"),
+        ([48, 56, 40, 64, 32], ["--sparsity", "0.25"], "give neither"),
+        ([48, 56, 40, 64, 32], ["--format", "plain"], "need the slicegpt format"),
+    ],
+)
+def test_bad_widths_files_are_refused(pristine, tmp_path, capsys, schedule, extra, match):
+    file = tmp_path / "widths.json"
+    file.write_text(json.dumps(schedule))
+    args = ["slice", pristine, "-o", tmp_path / "out", "--widths", file, *SLICE[2:], *extra]
+    refuse(args, capsys, match, inputs=(pristine,))
+
+
+def test_variance_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path):
+    from dimcut.slicing import variance_schedule
+
+    options = {"nsamples": 8, "seqlen": 64, "progress": False}
+    uniform = dimcut.slice_model(trained_llama, 0.5, tmp_path / "uniform", **options)
+    varied = dimcut.slice_model(
+        trained_llama, 0.5, tmp_path / "variance", widths="variance", **options
+    )
+    assert varied.parameters["total"] <= uniform.parameters["total"]
+    config = json.loads((tmp_path / "variance" / "config.json").read_text())
+    widths = [config["embedding_width"], *config["mid_widths"], *config["out_widths"][:-1]]
+    assert len(set(widths)) > 1 and config["dimcut"]["widths"] == "variance"
+    assert varied.hidden_size == uniform.hidden_size == 32
+    # The next step of retained energy would not fit: the schedule is as wide as it can be.
+    arch = load_architecture(trained_llama)
+    spectra = dimcut.calibration.signal_spectra(trained_llama, **options)
+    schedule = variance_schedule(arch, spectra, uniform.parameters["total"], 8, False)
+    assert dimcut.formats.planned_parameters(arch, "slicegpt", schedule) == {
+        k: varied.parameters[k] for k in ("total", "shortcuts", "without_shortcuts")
+    }

@@ -53,12 +53,62 @@ class Widths:
             out[-1] = head_width
         return cls(width, (width,) * num_layers, tuple(out))
 
+    @classmethod
+    def from_list(cls, values: list, num_layers: int, hidden_size: int) -> Widths:
+        """A schedule written as one list in residual order: the embedding output, then each
+        layer's widths after attention and after the MLP (the last one is the head's input)."""
+        if not isinstance(values, list) or len(values) != 2 * num_layers + 1:
+            raise ValueError(
+                f"a widths schedule is a list of 2·layers + 1 = {2 * num_layers + 1} integers "
+                "(embedding, then after attention and after the MLP of each layer)"
+            )
+        bad = [v for v in values if not isinstance(v, int) or not 0 < v <= hidden_size]
+        if bad:
+            raise ValueError(f"widths must be integers in [1, {hidden_size}], got {bad[:3]}")
+        return cls(values[0], tuple(values[1::2]), tuple(values[2::2]))
+
+    def of_rotations(self, names: RotationNames) -> dict[str, int]:
+        """The width each named rotation is cut to (a shared rotation: the first point's)."""
+        points = zip(
+            (names.embedding, *names.mid, *names.out), (self.embedding, *self.mid, *self.out)
+        )
+        kept: dict[str, int] = {}
+        for name, width in points:
+            kept.setdefault(name, width)
+        return kept
+
+    def as_list(self) -> list[int]:
+        return [self.embedding, *(w for pair in zip(self.mid, self.out) for w in pair)]
+
     def layer_input(self, index: int) -> int:
         return self.embedding if index == 0 else self.out[index - 1]
 
     @property
     def head(self) -> int:
         return self.out[-1]
+
+
+def retained_widths(
+    spectra: Mapping[str, np.ndarray],
+    arch: Architecture,
+    retained: float,
+    round_to: int,
+    slice_head: bool,
+) -> Widths:
+    """Each residual point as wide as its signal needs to keep the fraction `retained` of its
+    energy (rounded up to a multiple of `round_to`); the head keeps D unless sliced."""
+    names = RotationNames.per_layer(arch.num_layers)
+    full = arch.hidden_size
+
+    def width(name: str) -> int:
+        energy = np.cumsum(spectra[name])
+        need = int(np.searchsorted(energy, retained * energy[-1] * (1 - 1e-12))) + 1
+        return int(min(full, max(round_to, math.ceil(need / round_to) * round_to)))
+
+    out = [width(name) for name in names.out]
+    if not slice_head:
+        out[-1] = full
+    return Widths(width(names.embedding), tuple(width(n) for n in names.mid), tuple(out))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -15,7 +16,15 @@ import numpy as np
 from dimcut import _hooks, calibration, formats, zoo
 from dimcut.architectures import check_weights, load_architecture, sliced_width
 from dimcut.engine import inspect_checkpoint, rewrite_checkpoint
-from dimcut.plan import Format, model_ops, plan_widths, rotation_arrays
+from dimcut.plan import (
+    Format,
+    Widths,
+    model_ops,
+    plan_rotation_names,
+    plan_widths,
+    retained_widths,
+    rotation_arrays,
+)
 from dimcut.runtime import (
     DEFAULT_MEMORY_BUDGET,
     GIB,
@@ -25,6 +34,8 @@ from dimcut.runtime import (
     package_version,
     peak_rss_bytes,
 )
+
+UNIFORM, VARIANCE = "uniform", "variance"  # `--widths`, besides a schedule FILE
 
 
 @dataclass
@@ -82,7 +93,7 @@ class SliceResult:
             kept = list(self.retained_variance.values())
             lines.append(
                 f"variance kept    min {min(kept):.4f}, mean {sum(kept) / len(kept):.4f} "
-                f"(of {len(kept)} PCA signals, by the first {self.hidden_size} directions)"
+                f"(of {len(kept)} PCA signals, by the directions each keeps)"
             )
         lines += [
             f"wall time        {self.seconds:.1f} s",
@@ -99,6 +110,7 @@ def write_sliced_model(
     rotations: Mapping[str, np.ndarray],
     width: int,
     slice_head: bool = False,
+    widths: Widths | None = None,
     provenance: dict | None = None,
     overwrite: bool = False,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -106,13 +118,14 @@ def write_sliced_model(
     progress: bool = True,
 ) -> dict:
     """Rewrite `model_dir` into `out_dir` with the given rotations (float64 Q or its leading
-    columns, by plan name; memory-mapped ones are read by the engine in place)."""
+    columns, by plan name; memory-mapped ones are read by the engine in place). `widths` is a
+    per-layer schedule (slicegpt), else `width` everywhere."""
     fmt = Format.parse(fmt)
     arch = load_architecture(model_dir)
     tensors = inspect_checkpoint(model_dir)
     if fmt is Format.PLAIN and formats.stock_width(arch, width, 1) != width:
         raise ValueError(f"width {width} is not a valid hidden size for a stock {arch.model_type}")
-    widths = plan_widths(arch, fmt, width, slice_head)
+    widths = widths or plan_widths(arch, fmt, width, slice_head)
     names, arrays = rotation_arrays(fmt, rotations, widths, arch)
     ops = model_ops(arch, fmt, names, widths, tensors)
     facts = {
@@ -164,12 +177,20 @@ def slice_model(
     progress: bool = True,
     resume: bool = False,
     weighting: calibration.Weighting | str = calibration.DEFAULT_WEIGHTING,
+    widths: str | Path = UNIFORM,
 ) -> SliceResult:
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
 
     Instead of a sparsity, `target_params` sets a parameter budget — a fraction of the dense
     model's parameters (≤ 1) or a count — and the width is the largest whose output (head and
     shortcut matrices included) has at most that many parameters (pass `sparsity=None`).
+
+    `widths` (slicegpt format) is "uniform" (d everywhere), "variance" (each residual point as
+    wide as its signal needs to keep a common fraction of its energy in the dense model, that
+    fraction the largest whose output fits the same parameter count as uniform d, or the
+    budget), or a JSON file with the schedule as one list (`plan.Widths.from_list`; then give
+    neither sparsity nor target_params). The recorded hidden size of a schedule is the uniform
+    width with the same parameter budget.
 
     `memory_budget` (bytes) bounds what dimcut itself holds: calibration activations beyond half
     of it spill to disk, the engine's tiles use a quarter. `resume=True` keeps calibration state
@@ -181,9 +202,25 @@ def slice_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     arch = load_architecture(model_dir)
     budget = next_count = None
-    if (sparsity is None) == (target_params is None):
+    schedule_file = None if str(widths) in (UNIFORM, VARIANCE) else Path(widths)
+    if schedule_file is not None:
+        if sparsity is not None or target_params is not None:
+            raise ValueError(
+                f"widths {widths}: a schedule file sets every width; give neither sparsity nor "
+                "target_params"
+            )
+    elif (sparsity is None) == (target_params is None):
         raise ValueError("give exactly one of sparsity and target_params")
-    if target_params is not None:
+    if str(widths) != UNIFORM and fmt is not Format.SLICEGPT:
+        raise ValueError(
+            f"widths {widths}: per-layer widths need the slicegpt format (plain has one width)"
+        )
+    if schedule_file is not None:
+        schedule = read_schedule(schedule_file, arch)
+        budget = formats.planned_parameters(arch, fmt, schedule)["total"]
+        width, _ = budget_width(arch, fmt, budget, round_to, slice_head)
+        sparsity = 1 - width / arch.hidden_size
+    elif target_params is not None:
         budget = parameter_budget(target_params, formats.count_parameters(model_dir)["total"])
         width, next_count = budget_width(arch, fmt, budget, round_to, slice_head)
         sparsity = 1 - width / arch.hidden_size
@@ -194,9 +231,21 @@ def slice_model(
     check_output_dir(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
+    calibration_text = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    if str(widths) == VARIANCE:
+        spectra = calibration.signal_spectra(
+            model_dir, **calibration_text, device=device, memory_budget=memory_budget,
+            progress=progress,
+        )  # fmt: skip
+        fits = budget  # the budget, or the uniform cut's parameter count
+        if fits is None:
+            uniform = plan_widths(arch, fmt, width, slice_head)
+            fits = formats.planned_parameters(arch, fmt, uniform)["total"]
+        schedule = variance_schedule(arch, spectra, fits, round_to, slice_head)
+    elif schedule_file is None:
+        schedule = plan_widths(arch, fmt, width, slice_head)
     if rotations_file is not None:
-        widths = plan_widths(arch, fmt, width, slice_head)
-        found = calibration.load_rotations(rotations_file, arch, fmt, widths, model_dir=model_dir)
+        found = calibration.load_rotations(rotations_file, arch, fmt, schedule, model_dir=model_dir)
     else:
         found = calibration.calibrate(
             model_dir,
@@ -213,6 +262,7 @@ def slice_model(
             resume_dir=resume_dir if resume else None,
             rotations_dir=out_dir.parent,
             weighting=weighting,
+            schedule=None if schedule == plan_widths(arch, fmt, width, slice_head) else schedule,
         )
     try:
         if save_rotations is not None and rotations_file is None:
@@ -220,6 +270,7 @@ def slice_model(
         provenance = {
             "sparsity": sparsity,
             "target_params": budget,
+            "widths": str(widths) if schedule_file is None else str(schedule_file.resolve()),
             "round_to": round_to,
             "source_model": str(model_dir.resolve()),
             "rotation_source": str(rotations_file) if rotations_file else "calibration",
@@ -233,6 +284,7 @@ def slice_model(
             rotations=found.rotations,
             width=width,
             slice_head=slice_head,
+            widths=schedule,
             provenance=provenance,
             overwrite=overwrite,
             memory_budget=memory_budget,
@@ -257,11 +309,46 @@ def slice_model(
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         calibration=found.record,
-        retained_variance=found.retained_variance(width),
+        retained_variance=found.retained_variance(
+            schedule.of_rotations(plan_rotation_names(fmt, arch.num_layers))
+        ),
         timings=timings,
         target_params=budget,
         next_width_parameters=next_count,
     )
+
+
+def read_schedule(path: Path, arch) -> Widths:
+    """A widths FILE: a JSON list (see `Widths.from_list`)."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"widths file {path}: cannot read a JSON list ({exc})") from None
+    try:
+        return Widths.from_list(values, arch.num_layers, arch.hidden_size)
+    except ValueError as exc:
+        raise ValueError(f"widths file {path}: {exc}") from None
+
+
+def variance_schedule(arch, spectra: dict, budget: int, round_to: int, slice_head: bool) -> Widths:
+    """The schedule keeping the largest common fraction of every signal's energy whose output
+    has at most `budget` parameters (a bisection: more energy needs more width)."""
+
+    def count(widths: Widths) -> int:
+        return formats.planned_parameters(arch, Format.SLICEGPT, widths)["total"]
+
+    best = retained_widths(spectra, arch, 0.0, round_to, slice_head)
+    if count(best) > budget:
+        raise ValueError(f"widths variance: no schedule fits in {budget:,} parameters")
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        candidate = retained_widths(spectra, arch, middle, round_to, slice_head)
+        if count(candidate) <= budget:
+            low, best = middle, candidate
+        else:
+            high = middle
+    return best
 
 
 _COUNT_SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
@@ -339,11 +426,12 @@ def add_commands(subparsers) -> None:
         "model",
         help=zoo.MODEL_HELP,
     )
-    size = parser.add_mutually_exclusive_group(required=True)
+    size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--sparsity",
         type=float,
-        help="fraction s of the hidden width to remove, 0 ≤ s < 1",
+        help="fraction s of the hidden width to remove, 0 ≤ s < 1 (this, --target-params, or "
+        "a --widths FILE is required)",
     )
     size.add_argument(
         "--target-params",
@@ -415,6 +503,16 @@ def add_cut_arguments(parser, *, seqlen_alias: bool) -> None:
         f"(default {calibration.DEFAULT_WEIGHTING.value}, the best measured)",
     )
     parser.add_argument(
+        "--widths",
+        default=UNIFORM,
+        metavar="uniform|variance|FILE",
+        help="slicegpt format: per-layer widths. uniform: d everywhere (default); variance: "
+        "each residual point keeps the same fraction of its signal's energy (measured on the "
+        "dense model, one extra forward pass), as much as fits the uniform cut's parameter "
+        "count (or --target-params); FILE: a JSON list of 2·layers + 1 widths (embedding, then "
+        "after attention and after the MLP of each layer; the last feeds the head)",
+    )
+    parser.add_argument(
         "--calib",
         default=None,
         help="calibration text: a .txt file or folder, JSONL/Parquet/Arrow, a save_to_disk "
@@ -456,6 +554,7 @@ def cut_options(args) -> dict:
         "seed": args.seed,
         "round_to": args.round_to,
         "slice_head": args.slice_head,
+        "widths": args.widths,
     }
 
 

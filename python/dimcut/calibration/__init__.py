@@ -7,7 +7,13 @@ blocks) → `activations` (where the signals live between layers) → `pca` (cov
 """
 
 from dimcut.calibration.pca import Weighting
-from dimcut.calibration.procedures import DEFAULT_WEIGHTING, Timings, calibrate, streamed_forward
+from dimcut.calibration.procedures import (
+    DEFAULT_WEIGHTING,
+    Timings,
+    calibrate,
+    signal_spectra,
+    streamed_forward,
+)
 from dimcut.calibration.resume import STATE_FILE, resume_dir_for
 from dimcut.calibration.rotations import (
     Calibrated,
@@ -39,5 +45,6 @@ __all__ = [
     "sample_sequences",
     "sampled_text",
     "save_rotations",
+    "signal_spectra",
     "streamed_forward",
 ]

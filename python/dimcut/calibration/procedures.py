@@ -11,6 +11,7 @@ time, and compute the PCA rotations of the residual stream.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -38,7 +39,14 @@ from dimcut.calibration.rotations import (
     model_fingerprint,
 )
 from dimcut.calibration.text import sampled_text
-from dimcut.plan import PLAIN_ROTATION, Format, RotationNames, Widths, plan_widths
+from dimcut.plan import (
+    PLAIN_ROTATION,
+    Format,
+    RotationNames,
+    Widths,
+    plan_rotation_names,
+    plan_widths,
+)
 from dimcut.runtime import DEFAULT_MEMORY_BUDGET, activation_budget, engine_budget, torch_device
 from dimcut.tokenizers import load_tokenizer
 
@@ -161,8 +169,10 @@ def calibrate(
     resume_dir: str | Path | None = None,
     rotations_dir: str | Path | None = None,
     weighting: Weighting | str = DEFAULT_WEIGHTING,
+    schedule: Widths | None = None,
 ) -> Calibrated:
-    """Compute the rotations of `fmt` for slicing `model_dir` to `width`.
+    """Compute the rotations of `fmt` for slicing `model_dir` to `width` (slicegpt: or to the
+    per-layer widths of `schedule`).
 
     Rotations are written as they are made into a `RotationStore`: in `resume_dir` when given
     (kept), else in a temporary directory inside `rotations_dir` (removed by
@@ -174,8 +184,10 @@ def calibrate(
     fmt = Format.parse(fmt)
     model_dir = Path(model_dir)
     arch = load_architecture(model_dir)
-    widths = plan_widths(arch, fmt, width, slice_head)
+    widths = schedule or plan_widths(arch, fmt, width, slice_head)
     identity = {"format": fmt.value, "width": width, "slice_head": widths.head != arch.hidden_size}
+    if schedule is not None:
+        identity["widths"] = schedule.as_list()
     weighting = Weighting.parse(weighting)
     if fmt is Format.PLAIN:
         identity["weighting"] = weighting.value
@@ -206,7 +218,8 @@ def calibrate(
         calibrated.activations_on_disk = any(s.on_disk for s in stores.values())
     calibrated.timings = stream.timings.as_dict()
     if width:
-        record["retained_variance"] = calibrated.retained_variance(width)
+        kept = widths.of_rotations(plan_rotation_names(fmt, arch.num_layers))
+        record["retained_variance"] = calibrated.retained_variance(kept)
     return calibrated
 
 
@@ -345,6 +358,29 @@ def _hidden(stores: dict[str, ActivationStore], index: int) -> tuple[ActivationS
     return stores["hidden-0"], stores["hidden-0"]
 
 
+def _dense_signals(stream: _Stream, stores: dict, make, layer_state=dict):
+    """The dense model's residual signals in order — the embedding output (unless resuming),
+    then each layer's attention and MLP outputs — as (rotation name, covariance) pairs. After
+    each layer the stream is checkpointed with `layer_state()`."""
+    arch = stream.arch
+    names = RotationNames.per_layer(arch.num_layers)
+    done = stream.resume.layers_done if stream.resume else 0
+    if done == 0:
+        embedding = make()
+        _accumulate(stream, stores["hidden-0"], embedding)
+        yield names.embedding, embedding
+    for index in range(done, arch.num_layers):
+        source, target = _hidden(stores, index)
+        for block, read, write, name in (
+            (Block.ATTENTION, source, stores["mid"], names.mid[index]),
+            (Block.MLP, stores["mid"], target, names.out[index]),
+        ):
+            covariance = make()
+            stream.run_block(index, block, read, write, covariance)
+            yield name, covariance
+        stream.layer_done(index + 1, target, **layer_state())
+
+
 def _calibrate_plain(
     stream: _Stream, stores: dict, store: RotationStore, weighting: Weighting
 ) -> None:
@@ -356,26 +392,41 @@ def _calibrate_plain(
     def signal() -> Covariance:
         return Covariance(arch.hidden_size, device, unit_rms=weighting is Weighting.RMS)
 
-    done = stream.resume.layers_done if stream.resume else 0
-    if done:
+    if stream.resume and stream.resume.layers_done:
         total.matrix = torch.from_numpy(stream.resume.covariance()).to(total.matrix)
-    else:
-        embedding = signal()
-        _accumulate(stream, stores["hidden-0"], embedding)
-        total.add_signal(embedding, weighting)
-    for index in range(done, arch.num_layers):
-        source, target = _hidden(stores, index)
-        for block, read, write in (
-            (Block.ATTENTION, source, stores["mid"]),
-            (Block.MLP, stores["mid"], target),
-        ):
-            covariance = signal()
-            stream.run_block(index, block, read, write, covariance)
-            total.add_signal(covariance, weighting)
-        stream.layer_done(index + 1, target, covariance=total.matrix.cpu().numpy())
+    for _name, covariance in _dense_signals(
+        stream, stores, signal, lambda: {"covariance": total.matrix.cpu().numpy()}
+    ):
+        total.add_signal(covariance, weighting)
     with timings.measure("eigh"):
         q, values = total.principal_axes("the residual stream")
     store.put(PLAIN_ROTATION, q, values, arch.hidden_size)
+
+
+def signal_spectra(
+    model_dir: str | Path,
+    *,
+    source: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 42,
+    device: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """The eigenvalues (descending) of every residual signal's covariance in the dense model,
+    by rotation name: what a per-layer width schedule is allocated from."""
+    model_dir = Path(model_dir)
+    arch = load_architecture(model_dir)
+    settings = _Settings(source, nsamples, seqlen, seed, device, memory_budget, progress)
+    spectra = {}
+    with _open_stream(model_dir, arch, settings, None, {"format": "spectra"}) as opened:
+        stream, _record, stores = opened
+        make = functools.partial(Covariance, arch.hidden_size, stream.runner.device)
+        for name, covariance in _dense_signals(stream, stores, make):
+            with stream.timings.measure("eigh"):
+                spectra[name] = covariance.spectrum()
+    return spectra
 
 
 def _accumulate(stream: _Stream, store: ActivationStore, covariance: Covariance) -> None:

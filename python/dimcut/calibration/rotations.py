@@ -96,10 +96,11 @@ class Calibrated:
     timings: dict = field(default_factory=dict)
     activations_on_disk: bool = False
 
-    def retained_variance(self, width: int) -> dict[str, float]:
-        """Per rotation, the fraction of the signal's energy kept by the first `width` directions."""
+    def retained_variance(self, keep: int | Mapping[str, int]) -> dict[str, float]:
+        """Per rotation, the fraction of the signal's energy kept by its first `keep`
+        directions (one count, or one per rotation name as `Widths.of_rotations` gives)."""
         return {
-            name: float(e[:width].sum() / e.sum())
+            name: float(e[: keep if isinstance(keep, int) else keep[name]].sum() / e.sum())
             for name, e in self.eigenvalues.items()
             if e.sum() > 0
         }
@@ -158,11 +159,19 @@ def load_rotations(
         )
     if record.get("format") != fmt.value:
         raise DimcutError(f"{what}: made for format {record.get('format')!r}, not {fmt.value!r}")
-    if fmt is Format.SLICEGPT and widths is not None and record.get("width") != widths.embedding:
-        raise DimcutError(
-            f"{what}: slicegpt rotations depend on the width; these were computed "
-            f"for d={record.get('width')}, not d={widths.embedding}"
+    if fmt is Format.SLICEGPT and widths is not None:
+        d, layers = widths.embedding, arch.num_layers
+        uniform = widths in (
+            Widths.constant(d, layers),
+            Widths.constant(d, layers, arch.hidden_size),
         )
+        made = record.get("widths") or [record.get("width")]
+        wanted = [d] if uniform else widths.as_list()
+        if made != wanted:
+            raise DimcutError(
+                f"{what}: slicegpt rotations depend on the widths; these were computed "
+                f"for {made}, not {wanted}"
+            )
     if model_dir is not None and record.get("model_fingerprint"):
         from dimcut.engine import inspect_checkpoint
 
