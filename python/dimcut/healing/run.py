@@ -188,16 +188,7 @@ def heal(
         resumed_at = trainer.restore(saved)
     trainer.train(state_dir, checkpoint_every, progress)
 
-    if keep_adapter:
-        _save_adapter(wrapped, adapter_dir, overwrite)
-    merged = adapters.merged_weights(
-        wrapped,
-        family,
-        int(config["num_hidden_layers"]),
-        train_shortcuts=options.train_shortcuts,
-    )
-    losses = trainer.losses
-    window = state.LOSS_WINDOW
+    window, losses = state.LOSS_WINDOW, trainer.losses
     heal_record = {
         "version": package_version(),
         "teacher": str(teacher_dir.resolve()),
@@ -206,7 +197,24 @@ def heal(
         "initial_loss": sum(losses[:window]) / len(losses[:window]),
         "final_loss": sum(losses[-window:]) / len(losses[-window:]),
     }
-    _write_healed(sliced_dir, out_dir, config, merged, heal_record, overwrite, progress)
+    # The adapter is staged beside its target (merging consumes it) and moved there only once
+    # OUT is complete, so a failed write leaves neither behind.
+    staged_adapter = _stage_adapter(wrapped, adapter_dir) if keep_adapter else None
+    try:
+        merged = adapters.merged_weights(
+            wrapped,
+            family,
+            int(config["num_hidden_layers"]),
+            train_shortcuts=options.train_shortcuts,
+        )
+        _write_healed(sliced_dir, out_dir, config, merged, heal_record, overwrite, progress)
+        if staged_adapter is not None:
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)  # only with overwrite (checked up front)
+            staged_adapter.rename(adapter_dir)
+    finally:
+        if staged_adapter is not None and staged_adapter.exists():
+            shutil.rmtree(staged_adapter, ignore_errors=True)
     shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete: state is moot
     _hooks.reached("written", 1)
     return HealResult(
@@ -327,18 +335,17 @@ class _Trainer:
         self.model.eval()
 
 
-def _save_adapter(wrapped, adapter_dir: Path, overwrite: bool) -> None:
+def _stage_adapter(wrapped, adapter_dir: Path) -> Path:
+    """The peft adapter saved in a temporary directory beside `adapter_dir`."""
     import tempfile
 
     staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
     try:
         wrapped.save_pretrained(str(staging))
-        if adapter_dir.exists() and overwrite:
-            shutil.rmtree(adapter_dir)
-        staging.rename(adapter_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return staging
 
 
 def _write_healed(sliced_dir, out_dir, config, merged, heal_record, overwrite, progress) -> None:
