@@ -422,9 +422,9 @@ def test_variance_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path
     from dimcut.slicing import variance_schedule
 
     options = {"nsamples": 8, "seqlen": 64, "progress": False}
-    uniform = dimcut.slice_model(trained_llama, 0.5, tmp_path / "uniform", **options)
+    uniform = dimcut.slice_model(trained_llama, 0.5, tmp_path / "uniform", round_to=4, **options)
     varied = dimcut.slice_model(
-        trained_llama, 0.5, tmp_path / "variance", widths="variance", **options
+        trained_llama, 0.5, tmp_path / "variance", widths="variance", round_to=4, **options
     )
     assert varied.parameters["total"] <= uniform.parameters["total"]
     config = json.loads((tmp_path / "variance" / "config.json").read_text())
@@ -434,7 +434,7 @@ def test_variance_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path
     # The next step of retained energy would not fit: the schedule is as wide as it can be.
     arch = load_architecture(trained_llama)
     spectra = dimcut.calibration.signal_spectra(trained_llama, **options)
-    schedule = variance_schedule(arch, spectra, uniform.parameters["total"], 8, False)
+    schedule = variance_schedule(arch, spectra, uniform.parameters["total"], 4, False)
     assert dimcut.formats.planned_parameters(arch, "slicegpt", schedule) == {
         k: varied.parameters[k] for k in ("total", "shortcuts", "without_shortcuts")
     }
