@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"dimcut {args.command}: {what}; no partial output was left behind", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
-    except (DimcutError, ValueError, OSError) as exc:
-        # OSError: FileNotFoundError, FileExistsError, PermissionError, disk full, ...
+    except (DimcutError, ValueError, OSError, ModuleNotFoundError) as exc:
+        # OSError: FileNotFoundError, FileExistsError, PermissionError, disk full, ...;
+        # ModuleNotFoundError: an optional dependency (an extra) is not installed
         print(f"dimcut {args.command}: error: {exc}", file=sys.stderr)
         return 1
     finally:

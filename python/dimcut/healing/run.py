@@ -8,6 +8,7 @@ copies every untouched tensor and file of the sliced model and renames the outpu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -131,6 +132,8 @@ def heal(
     writes the adapter (peft format, on top of the sliced model) to `<out_dir>-adapter/`.
     """
     started = time.perf_counter()
+    if importlib.util.find_spec("peft") is None:
+        raise ModuleNotFoundError("dimcut heal needs peft: pip install 'dimcut[heal]'")
     options = options or HealOptions()
     options.check()
     if checkpoint_every < 1:
