@@ -170,7 +170,7 @@ def heal(
         key = f"{data_record['token_sha256']}:{options.topk}:{identity['teacher_fingerprint']}"
         targets = teacher.load_targets(state_dir / teacher.TARGETS_FILE, key)
         if targets is None:
-            values, indices, run = teacher.teacher_targets(
+            values, indices, teacher_seconds = teacher.teacher_targets(
                 teacher_dir,
                 tokens,
                 options.topk,
@@ -179,7 +179,7 @@ def heal(
                 progress=progress,
             )
             teacher.save_targets(state_dir / teacher.TARGETS_FILE, values, indices, key)
-            targets, teacher_seconds = (values, indices), run["seconds"]
+            targets = (values, indices)
 
     family = adapters.family_of(config)
     model = _load_student(sliced_dir, torch_dev, options)

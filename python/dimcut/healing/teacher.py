@@ -16,7 +16,7 @@ import torch
 
 from dimcut.architectures import read_config
 from dimcut.healing.losses import topk_targets
-from dimcut.runtime import atomic_write, peak_rss_bytes
+from dimcut.runtime import atomic_write
 from dimcut.tokenizers import load_tokenizer
 
 TARGETS_FILE = "teacher-topk.safetensors"
@@ -72,9 +72,9 @@ def teacher_targets(
     device: torch.device,
     dtype: str,
     progress: bool,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The teacher's top-k (log-probabilities, token ids) at every position but the last of
-    `tokens` [N, L]: shapes [N, L − 1, k]; and {"seconds", "peak_rss_bytes"}."""
+    `tokens` [N, L] (shapes [N, L − 1, k]), and the seconds it took."""
     from tqdm.auto import tqdm
 
     from dimcut.formats import load
@@ -90,14 +90,7 @@ def teacher_targets(
             top_values, top_indices = topk_targets(logits[0, :-1], topk)
             values[row], indices[row] = top_values.cpu(), top_indices.cpu()
     del model
-    return (
-        values,
-        indices,
-        {
-            "seconds": time.perf_counter() - started,
-            "peak_rss_bytes": peak_rss_bytes(),
-        },
-    )
+    return values, indices, time.perf_counter() - started
 
 
 def save_targets(path: Path, values: torch.Tensor, indices: torch.Tensor, key: str) -> None:
