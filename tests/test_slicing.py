@@ -395,6 +395,7 @@ def test_a_widths_file_round_trips_through_the_config_and_loads(pristine, tmp_pa
     ids = tokenizer("Paris is the capital of France.", return_tensors="pt").input_ids
     assert model(ids).logits.isfinite().all()
     counts = dimcut.count_parameters(tmp_path / "out")
+    assert config["dimcut"]["target_params"] is None and "budget" not in output
     # The recorded width is the uniform one with the same parameter budget.
     arch = load_architecture(pristine)
     from dimcut.slicing import budget_width

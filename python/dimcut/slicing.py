@@ -217,8 +217,8 @@ def slice_model(
         )
     if schedule_file is not None:
         schedule = read_schedule(schedule_file, arch)
-        budget = formats.planned_parameters(arch, fmt, schedule)["total"]
-        width, _ = budget_width(arch, fmt, budget, round_to, slice_head)
+        size = formats.planned_parameters(arch, fmt, schedule)["total"]
+        width, _ = budget_width(arch, fmt, size, round_to, slice_head)
         sparsity = 1 - width / arch.hidden_size
     elif target_params is not None:
         budget = parameter_budget(target_params, formats.count_parameters(model_dir)["total"])
@@ -231,11 +231,10 @@ def slice_model(
     check_output_dir(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
-    calibration_text = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     if str(widths) == VARIANCE:
         spectra = calibration.signal_spectra(
-            model_dir, **calibration_text, device=device, memory_budget=memory_budget,
-            progress=progress,
+            model_dir, source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+            memory_budget=memory_budget, progress=progress,
         )  # fmt: skip
         fits = budget  # the budget, or the uniform cut's parameter count
         if fits is None:
