@@ -365,6 +365,20 @@ def test_a_parameter_budget_is_met_by_the_written_count(pristine, tmp_path, caps
     assert config["target_params"] == budget and config["effective_sparsity"] == 1 - width / 64
 
 
+def test_plain_budgets_only_consider_widths_the_stock_config_accepts(tiny_llama_config):
+    """With 9 heads only multiples of 9 are stock Llama widths (SmolLM2: multiples of 72)."""
+    from dimcut.architectures import describe
+    from dimcut.plan import plan_widths
+    from dimcut.slicing import budget_width
+
+    config = {**tiny_llama_config, "hidden_size": 144, "num_attention_heads": 9}
+    config.update(num_key_value_heads=3, head_dim=16)
+    arch = describe(config)
+    assert budget_width(arch, "plain", 10**9, 8, False) == (144, None)
+    full = dimcut.formats.planned_parameters(arch, "plain", plan_widths(arch, "plain", 144, False))
+    assert budget_width(arch, "plain", full["total"] - 1, 8, False) == (72, full["total"])
+
+
 def test_an_unreachable_budget_is_refused(pristine, tmp_path, capsys):
     refuse(
         ["slice", pristine, "-o", tmp_path / "out", "--target-params", "1000", *SLICE[2:]],

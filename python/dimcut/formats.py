@@ -59,7 +59,7 @@ def stock_width(arch: Architecture, width: int, round_to: int) -> int:
     for one, requires hidden_size to be a multiple of num_attention_heads even with an explicit
     head_dim)."""
     for candidate in range(width, 0, -round_to):
-        if _stock_config_accepts(arch, candidate):
+        if stock_config_accepts(arch, candidate):
             return candidate
     raise ValueError(
         f"no hidden size ≤ {width} that is a multiple of round_to={round_to} makes a valid "
@@ -67,7 +67,8 @@ def stock_width(arch: Architecture, width: int, round_to: int) -> int:
     )
 
 
-def _stock_config_accepts(arch: Architecture, width: int) -> bool:
+def stock_config_accepts(arch: Architecture, width: int) -> bool:
+    """Whether the family's stock config takes `width` as its hidden size."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 

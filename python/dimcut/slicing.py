@@ -384,7 +384,7 @@ def budget_width(
     fmt = Format.parse(fmt)
     widths = list(range(round_to, arch.hidden_size + 1, round_to))
     if fmt is Format.PLAIN:
-        widths = [w for w in widths if formats.stock_width(arch, w, 1) == w]
+        widths = [w for w in widths if formats.stock_config_accepts(arch, w)]
 
     def count(width: int) -> int:
         return formats.planned_parameters(arch, fmt, plan_widths(arch, fmt, width, slice_head))[
