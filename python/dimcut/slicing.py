@@ -182,7 +182,7 @@ def slice_model(
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
 
     Instead of a sparsity, `target_params` sets a parameter budget — a fraction of the dense
-    model's parameters (≤ 1) or a count — and the width is the largest whose output (head and
+    model's parameters (≤ 10) or a count — and the width is the largest whose output (head and
     shortcut matrices included) has at most that many parameters (pass `sparsity=None`).
 
     `widths` (slicegpt format) is "uniform" (d everywhere), "variance" (each residual point as
@@ -368,11 +368,18 @@ def parse_parameter_count(text: str) -> float:
         ) from None
 
 
+# Budgets up to this are fractions of the dense model (1.1: 10 % more, which slicegpt's shortcuts
+# can need); above it, parameter counts.
+MAX_BUDGET_FRACTION = 10
+
+
 def parameter_budget(target: float, dense_parameters: int) -> int:
-    """A budget given as a fraction of the dense model (≤ 1) or as a count, in parameters."""
+    """A budget given as a fraction of the dense model (≤ 10) or as a count, in parameters."""
     if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
         raise ValueError(f"target_params must be a positive fraction or count, got {target!r}")
-    return int(target * dense_parameters) if target <= 1 else int(target)
+    if target <= MAX_BUDGET_FRACTION:
+        return int(target * dense_parameters)
+    return int(target)
 
 
 def budget_width(
@@ -436,8 +443,8 @@ def add_commands(subparsers) -> None:
         "--target-params",
         type=parse_parameter_count,
         metavar="FRACTION|COUNT",
-        help="a parameter budget instead of a sparsity: a fraction of the dense model (0.8) or "
-        "a count (120M, 1.2B, 95000000); the width is the largest whose output — head and "
+        help="a parameter budget instead of a sparsity: a fraction of the dense model (0.8, "
+        "1.1; values up to 10) or a count (120M, 1.2B, 95000000); the width is the largest whose output — head and "
         "shortcut matrices counted — fits in it",
     )
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
