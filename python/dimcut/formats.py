@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dimcut import modeling_dimcut
 from dimcut.architectures import Architecture
-from dimcut.plan import Widths
+from dimcut.plan import Format, Widths
 
 MODELING_FILE = "modeling_dimcut.py"
 SHORTCUT_MARK = "_shortcut"
@@ -81,7 +81,7 @@ def stock_config_accepts(arch: Architecture, width: int) -> bool:
 
 def output_config(arch: Architecture, fmt, widths: Widths, provenance: dict) -> dict:
     """config.json of an output of `arch` with these widths (uniform for `plain`)."""
-    if str(getattr(fmt, "value", fmt)) == "plain":
+    if Format.parse(fmt) is Format.PLAIN:
         return plain_config(arch, widths.embedding, provenance)
     return slicegpt_config(arch, widths, provenance)
 

@@ -138,10 +138,7 @@ def write_sliced_model(
         "shortcuts": fmt is Format.SLICEGPT,
         **(provenance or {}),
     }
-    if fmt is Format.PLAIN:
-        config = formats.plain_config(arch, width, facts)
-    else:
-        config = formats.slicegpt_config(arch, widths, facts)
+    config = formats.output_config(arch, fmt, widths, facts)
     return rewrite_checkpoint(
         model_dir,
         out_dir,
