@@ -21,15 +21,32 @@ def record(
     tasks: dict[str, float] | None = None,
     fingerprint: str | None = None,
     original_hidden_size: int = D,
+    fmt: str = "slicegpt",
+    texts: dict[str, float] | None = None,
 ) -> dict:
-    """A `dimcut.results/1` record as `dimcut eval` writes it."""
+    """A `dimcut.results/1` record as `dimcut eval` writes it: `ppl` on wikitext2, or `texts`
+    (text -> PPL, the first the headline) in `perplexities`; sliced models in format `fmt`."""
+    if texts is not None:
+        entries = [{"source": t, "seqlen": 2048, "windows": 4, "ppl": v} for t, v in texts.items()]
+        return {
+            **record(
+                label,
+                s,
+                tasks=tasks,
+                fingerprint=fingerprint,
+                fmt=fmt,
+                original_hidden_size=original_hidden_size,
+            ),
+            "perplexity": entries[0] if entries else None,
+            "perplexities": entries,
+        }
     return {
         "schema": "dimcut.results/1",
         "model": {
             "path": f"/models/{label}-{s}",
             "label": label,
             "fingerprint": fingerprint or f"{label}@{s}",
-            "format": "dense" if s == 0 else "slicegpt",
+            "format": "dense" if s == 0 else fmt,
             "sparsity": s,
             "effective_sparsity": s,
             "hidden_size": round((1 - s) * original_hidden_size),

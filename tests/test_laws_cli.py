@@ -37,7 +37,7 @@ def test_cli_fit_and_predict(tmp_path, capsys):
     out, md, fig = tmp_path / "fit.json", tmp_path / "fit.md", tmp_path / "fig.png"
     argv = ["fit", str(runs), "--out", str(out), "--markdown", str(md), "--plot", str(fig)]
     assert main(argv) == 0
-    assert "perplexity (ppl)" in capsys.readouterr().out
+    assert "perplexity on wikitext2 (ppl)" in capsys.readouterr().out
     assert json.loads(out.read_text())["schema"] == "dimcut.fit/1"
     assert md.read_text().startswith("# Sparsity-law fits")
     assert fig.exists() and fig.with_suffix(".svg").exists()
@@ -49,7 +49,9 @@ def test_cli_fit_and_predict(tmp_path, capsys):
 
     assert main(["predict", "--fit", str(out), "--max-ppl", "15"]) == 0
     text = capsys.readouterr().out
-    assert "largest effective sparsity s = 1 − d/D with predicted perplexity ≤ 15" in text
+    assert (
+        "largest effective sparsity s = 1 − d/D with predicted perplexity on wikitext2 ≤ 15" in text
+    )
 
     assert main(["predict", "--fit", str(out), "--min-acc", "arc_easy=0.5", "--json"]) == 0
     (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
@@ -77,7 +79,7 @@ def test_cli_predict_says_what_widths_are_rounded_to(tmp_path, capsys):
     assert main(["predict", "--fit", str(plain), "--max-ppl", "40"]) == 0
     text = capsys.readouterr().out
     # The law solves s = 0.369 for PPL 40: (1 − s)·D = 363.2 rounds up to 432, not to 368.
-    assert "with predicted perplexity ≤ 40: 0.2500" in text
+    assert "with predicted perplexity on wikitext2 ≤ 40: 0.2500" in text
     assert "hidden width d = 432 of D = 576: rounded up to a multiple of 72" in text
 
     # Round sparsities of D = 4096 are not whole widths: the slice default is used, and said so.
@@ -127,3 +129,29 @@ def test_importing_the_laws_imports_neither_torch_nor_matplotlib():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("fmt", ["slicegpt", "plain"])
+def test_cli_predict_for_a_parameter_budget(tmp_path, capsys, fmt):
+    """`predict --target-params` predicts at the cut `slice --target-params` would make."""
+    from dimcut.architectures import load_architecture
+    from dimcut.cli import main
+    from dimcut.laws import predict
+    from dimcut.slicing import budget_cut
+    from tiny_models import save_tiny_model
+
+    dense = save_tiny_model("llama", tmp_path / "dense")  # D = 64
+    records = law_records("tiny", [0.125, 0.25, 0.375], original_hidden_size=64)
+    for r in records[1:]:
+        r["model"]["format"] = fmt
+    fit = fit_of(tmp_path, records)
+    fit.save(tmp_path / "fit.json")
+    argv = ["predict", "--fit", str(tmp_path / "fit.json"), "--target-params", "0.8", "--json"]
+    assert main([*argv, "--model-dir", str(dense)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    _, width, _ = budget_cut(dense, load_architecture(dense), fmt, 0.8)
+    got = {p["metric"]: p for p in document["predictions"]}
+    assert got[PERPLEXITY]["sparsity"] == pytest.approx(1 - width / 64)
+    expected = predict(fit.model(), 1 - width / 64)
+    assert got[PERPLEXITY]["value"] == pytest.approx(expected[0].value)
+    refuse(argv, capsys, r"--target-params needs --model-dir")

@@ -126,7 +126,7 @@ def degenerate_cases() -> dict[str, tuple[list[dict], str]]:
         "NaN": (nan_ppl, "perplexity.ppl = nan is not finite"),
         "metric missing on the dense model": (
             [record("m", 0.0, tasks={"arc_easy": 0.7}), *good[1:]],
-            "perplexity: measured on sliced models but not on the dense baseline",
+            "perplexity on wikitext2: measured on sliced models but not on the dense baseline",
         ),
         "different D": (
             [*good, record("m", 0.3, ppl=30.0, original_hidden_size=2048)],
@@ -197,4 +197,40 @@ def test_fit_json_round_trip_and_table(tmp_path):
     table = report.table()
     for column in ("a", "b", "RMSE", "R²", "SE(a)", "SE(b)", "n", "1 − d/D"):
         assert column in table
-    assert "| m | perplexity (ppl) |" in report.markdown()
+    assert "| m | slicegpt | perplexity on wikitext2 (ppl) |" in report.markdown()
+
+
+# ------------------------------------------------------------ variants, texts, merged records
+
+
+def test_each_variant_and_text_gets_its_own_fit(tmp_path):
+    texts = lambda s, wiki_a, other_a: {
+        "wiki": 8.0 ** (1 / (1 + wiki_a * s)),
+        "lambada": 40.0 ** (1 / (1 + other_a * s)),
+    }
+    records = [record("m", 0.0, texts=texts(0, 0, 0))]
+    for s in (0.1, 0.2, 0.3):
+        records.append(record("m", s, texts=texts(s, -1.0, -0.8)))
+        records.append(record("m", s, fmt="plain", texts=texts(s, -1.5, -1.2)))
+    report = fit_of(tmp_path, records)
+    assert sorted(m.variant for m in report.models) == ["plain/raw", "slicegpt"]
+    with pytest.raises(ValueError, match="several models"):
+        report.model("m")
+    slicegpt, plain = report.model("m", "slicegpt"), report.model(variant="plain/raw")
+    assert slicegpt.metric(PERPLEXITY).text == "wiki"  # the headline text by default
+    assert slicegpt.metric(PERPLEXITY, "lambada").line.a == pytest.approx(-0.8)
+    assert plain.metric(PERPLEXITY, "wiki").line.a == pytest.approx(-1.5)
+    assert plain.metric(PERPLEXITY, "lambada").line.n == 4  # shares the one dense record
+    assert "| m | plain/raw | perplexity on lambada (ppl) | -1.200 |" in report.markdown()
+    assert FitReport.from_dict(report.to_dict()) == report
+
+
+def test_records_of_one_model_in_several_files_are_merged(tmp_path):
+    records = law_records("m", [0.1, 0.2, 0.3])
+    tasks_only = [dict(r, perplexity=None) for r in records]
+    ppl_only = [dict(r, tasks={}) for r in records]
+    report = fit_of(tmp_path, [*ppl_only, *tasks_only])
+    assert report.models == fit_of(tmp_path / "whole", records).models
+    clash = dict(records[2], tasks={"arc_easy": {"headline_metric": "acc_norm", "headline": 0.1}})
+    with pytest.raises(ValueError, match="disagree on task arc_easy"):
+        fit_of(tmp_path / "clash", [*records, clash])

@@ -79,6 +79,49 @@ def test_sweep_resumes_after_a_crash(setup, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "models" / "s0.5" / "config.json").is_file()  # kept, redone
 
 
+def test_a_resumed_sweep_measures_only_what_its_records_lack(setup, tmp_path, monkeypatch):
+    """Asking a finished sweep for a second text evaluates just that text on every point and
+    adds it to the records; asking again evaluates nothing."""
+    model, eval_options = setup
+    runs = tmp_path / "runs"
+    first = run(setup, runs, "slicegpt")
+    before = [json.loads(p.read_text()) for p in first]
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(["The river ran north past the old mill."] * 200), encoding="utf-8")
+    asked = []
+    real_evaluate = evaluation.evaluate
+
+    def spy(target, **kwargs):
+        asked.append((target.name, kwargs["ppl"], kwargs["tasks"]))
+        return real_evaluate(target, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate", spy)
+    both = {**eval_options, "ppl": [eval_options["ppl"], str(other)]}
+    for _ in range(2):
+        records = sweep.sweep(
+            model,
+            [0.25, 0.5],
+            runs,
+            slice_options={"fmt": "slicegpt", **SLICE},
+            eval_options=both,
+            label="tiny",
+            progress=False,
+        )
+    assert asked == [(name, [str(other)], []) for name in ("dense", "s0.25", "s0.5")]
+    for old, path in zip(before, records, strict=True):
+        new = json.loads(path.read_text())
+        assert new["perplexity"] == old["perplexity"]  # the headline text is kept, not redone
+        assert [e["source"] for e in new["perplexities"]] == [
+            old["perplexity"]["source"],
+            str(other.resolve()),
+        ]
+    report = dimcut.fit_records(dimcut.load_records([runs]))
+    assert [f.text for f in report.model("tiny").metrics] == [
+        old["perplexity"]["source"],
+        str(other.resolve()),
+    ]
+
+
 def test_plain_rotations_of_another_calibration_are_not_reused(setup, tmp_path, monkeypatch):
     """A RUNS/ directory resumed with other calibration options recalibrates the plain rotation
     instead of reusing one made from other tokens."""

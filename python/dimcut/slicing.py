@@ -218,8 +218,9 @@ def slice_model(
         width, _ = budget_width(arch, fmt, size, round_to, slice_head)
         sparsity = 1 - width / arch.hidden_size
     elif target_params is not None:
-        budget = parameter_budget(target_params, formats.count_parameters(model_dir)["total"])
-        width, next_count = budget_width(arch, fmt, budget, round_to, slice_head)
+        budget, width, next_count = budget_cut(
+            model_dir, arch, fmt, target_params, round_to, slice_head
+        )
         sparsity = 1 - width / arch.hidden_size
     else:
         width = sliced_width(arch.hidden_size, sparsity, round_to)
@@ -377,6 +378,20 @@ def parameter_budget(target: float, dense_parameters: int) -> int:
     if target <= MAX_BUDGET_FRACTION:
         return int(target * dense_parameters)
     return int(target)
+
+
+def budget_cut(
+    model_dir: str | Path,
+    arch,
+    fmt: Format,
+    target_params: float,
+    round_to: int = 8,
+    slice_head: bool = False,
+) -> tuple[int, int, int | None]:
+    """The budget (`parameter_budget` of the dense checkpoint in `model_dir`), the width
+    `budget_width` picks for it, and the count of the next wider cut."""
+    budget = parameter_budget(target_params, formats.count_parameters(model_dir)["total"])
+    return (budget, *budget_width(arch, fmt, budget, round_to, slice_head))
 
 
 def budget_width(

@@ -19,11 +19,12 @@ from pathlib import Path
 from dimcut import calibration
 from dimcut.calibration.rotations import RECORD_FILE
 from dimcut.evaluation import (
-    DEFAULT_PPL_SOURCE,
-    DEFAULT_TASKS,
     SCHEMA,
-    TASKS,
+    add_evaluation_arguments,
     evaluate,
+    evaluation_options,
+    merge_results,
+    missing_measurements,
     write_results,
 )
 from dimcut.healing import HealOptions, Loss, heal
@@ -38,12 +39,14 @@ def point_name(sparsity: float) -> str:
     return "dense" if sparsity == 0 else f"s{sparsity:g}"
 
 
-def finished(record_path: Path) -> bool:
-    """A point is finished when its record exists and parses (records are written atomically)."""
+def read_record(record_path: Path) -> dict | None:
+    """A point's record, or None when it has none yet (records are written atomically, so a
+    file that does not parse is a foreign one and is redone)."""
     try:
-        return json.loads(record_path.read_text()).get("schema") == SCHEMA
+        record = json.loads(record_path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        return False
+        return None
+    return record if record.get("schema") == SCHEMA else None
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -80,7 +83,11 @@ def sweep(
     runs_dir.mkdir(parents=True, exist_ok=True)
     points = [0.0, *sparsities]
     records = [runs_dir / f"{point_name(s)}.json" for s in points]
-    todo = [(s, r) for s, r in zip(points, records, strict=True) if not finished(r)]
+    todo = []  # (sparsity, record path, what its record lacks)
+    for sparsity, record_path in zip(points, records, strict=True):
+        lacking = missing_measurements(read_record(record_path), eval_options)
+        if any(lacking.values()):
+            todo.append((sparsity, record_path, lacking))
     if len(todo) < len(points) and progress:
         print(f"resuming: {len(points) - len(todo)} of {len(points)} points already finished")
     fmt = slice_options.get("fmt", "slicegpt")
@@ -93,7 +100,7 @@ def sweep(
             calibrate_options.get("weighting", calibration.DEFAULT_WEIGHTING)
         ).value,
     }
-    if fmt == "plain" and any(s > 0 for s, _ in todo) and not _reusable(rotations, wanted):
+    if fmt == "plain" and any(s > 0 for s, *_ in todo) and not _reusable(rotations, wanted):
         # One calibration serves every sparsity: the plain rotation does not depend on s.
         calibrated = calibration.calibrate(
             model_dir,
@@ -109,7 +116,7 @@ def sweep(
         finally:
             calibrated.close()
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
-    for sparsity, record_path in bar:
+    for sparsity, record_path, lacking in bar:
         bar.set_postfix_str(point_name(sparsity))
         started = time.perf_counter()
         target = model_dir
@@ -135,8 +142,13 @@ def sweep(
                     overwrite=True,
                     progress=progress,
                 )
-        record = evaluate(target, label=label, **eval_options)
-        record["sweep"] = {"point_seconds": time.perf_counter() - started}
+        # A record that lacks only some texts or tasks gets just those added.
+        record = evaluate(target, label=label, **{**eval_options, **lacking})
+        old = read_record(record_path)
+        if old is not None and old["model"]["fingerprint"] == record["model"]["fingerprint"]:
+            record = merge_results(old, record)
+        seconds = (record.get("sweep") or {}).get("point_seconds", 0)
+        record["sweep"] = {"point_seconds": seconds + time.perf_counter() - started}
         write_results(record, record_path)
         if sparsity > 0 and not keep_models:
             shutil.rmtree(sliced_dir)
@@ -187,23 +199,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     group = parser.add_argument_group("slicing")
     add_cut_arguments(group, seqlen_alias=False)
-    group = parser.add_argument_group("evaluation")
-    group.add_argument("--ppl", default=DEFAULT_PPL_SOURCE, help="perplexity text source or 'none'")
-    group.add_argument(
-        "--ppl-seqlen",
-        "--seqlen",  # the 0.1 spelling, kept for one release
-        dest="ppl_seqlen",
-        type=int,
-        default=2048,
-        help="perplexity window (--seqlen is a deprecated alias)",
-    )
-    group.add_argument("--ppl-windows", type=int, default=None, help="only the first N windows")
-    group.add_argument(
-        "--tasks", default=",".join(DEFAULT_TASKS), help=f"from {', '.join(TASKS)}, or 'none'"
-    )
-    group.add_argument("--task-data", default=None)
-    group.add_argument("--limit", type=int, default=None)
-    group.add_argument("--batch-size", type=int, default=1)
+    add_evaluation_arguments(parser.add_argument_group("evaluation"))
     group = parser.add_argument_group("healing (see `dimcut heal --help`)")
     group.add_argument(
         "--heal-steps",
@@ -221,22 +217,12 @@ def add_commands(subparsers) -> None:
 
 
 def _run_sweep(args) -> int:
-    tasks = [] if args.tasks.strip() == "none" else [t.strip() for t in args.tasks.split(",")]
     records = sweep(
         resolve_model(args.model),
         parse_sparsities(args.sparsities),
         args.output,
         slice_options={**cut_options(args), "device": args.device},
-        eval_options={
-            "ppl": None if args.ppl == "none" else args.ppl,
-            "seqlen": args.ppl_seqlen,
-            "ppl_windows": args.ppl_windows,
-            "tasks": tasks,
-            "task_data": args.task_data,
-            "limit": args.limit,
-            "batch_size": args.batch_size,
-            "device": args.device,
-        },
+        eval_options={**evaluation_options(args), "device": args.device},
         label=args.label,
         keep_models=args.keep_models,
         heal_options=HealOptions(steps=args.heal_steps, data=args.heal_data, loss=args.heal_loss)

@@ -17,6 +17,8 @@ from dimcut.evaluation.record import (
     checkpoint_fingerprint,
     count_parameters,
     format_summary,
+    merge_results,
+    missing_measurements,
     model_facts,
     write_results,
 )
@@ -46,6 +48,8 @@ __all__ = [
     "evaluate_tasks",
     "evaluation_options",
     "format_summary",
+    "merge_results",
+    "missing_measurements",
     "model_facts",
     "perplexity",
     "prepare_tasks",

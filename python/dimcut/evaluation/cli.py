@@ -38,9 +38,11 @@ def add_evaluation_arguments(parser) -> None:
         "--ppl",
         default=DEFAULT_PPL_SOURCE,
         metavar="SOURCE|none",
-        help="perplexity text: 'wiki-offline' (offline Wikipedia summaries, held-out part), a "
-        ".txt file or folder, .jsonl/.json/.parquet/.arrow (column 'text', or PATH:COLUMN), a "
-        "save_to_disk directory, or hf:NAME[@CONFIG] when the hub is reachable "
+        help="perplexity text, or several comma-separated (each measured; the first is the "
+        "record's headline): 'wiki-offline' (offline Wikipedia summaries, held-out part), "
+        "'lambada-offline' (LAMBADA fiction passages), a .txt file or folder, "
+        ".jsonl/.json/.parquet/.arrow (column 'text', or PATH:COLUMN), a save_to_disk "
+        "directory, or hf:NAME[@CONFIG] when the hub is reachable "
         f"(default {DEFAULT_PPL_SOURCE})",
     )
     parser.add_argument(
@@ -102,10 +104,17 @@ def task_names(text: str) -> list[str]:
     return [task.strip() for task in text.split(",") if task.strip()]
 
 
+def ppl_sources(text: str) -> list[str]:
+    """The --ppl value as a list of text sources ('none' for no perplexity)."""
+    if text.strip() == "none":
+        return []
+    return [source.strip() for source in text.split(",") if source.strip()]
+
+
 def evaluation_options(args) -> dict:
     """`evaluate` keyword arguments from the options of `add_evaluation_arguments`."""
     return {
-        "ppl": None if args.ppl == "none" else args.ppl,
+        "ppl": ppl_sources(args.ppl),
         "ppl_split": args.ppl_split,
         "seqlen": args.ppl_seqlen,
         "ppl_windows": args.ppl_windows,

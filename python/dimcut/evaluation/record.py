@@ -27,6 +27,7 @@ def model_facts(model_dir: Path) -> dict:
             "hidden_size": width,
             "original_hidden_size": width,
             "calibration": None,
+            "widths": None,
             "heal": None,
         }
     source_model = block.get("source_model")
@@ -39,6 +40,7 @@ def model_facts(model_dir: Path) -> dict:
         "hidden_size": block["hidden_size"],
         "original_hidden_size": block["original_hidden_size"],
         "calibration": block.get("calibration"),
+        "widths": block.get("widths"),  # uniform, variance or a schedule file
         "heal": _heal_facts(block.get("heal")),
     }
 
@@ -124,8 +126,10 @@ def format_summary(record: dict) -> str:
     sparsity = f"effective sparsity {model['effective_sparsity']:.3f}"
     lines = [f"model  {model['label']}  ({model['format']}, {width}, {sparsity})"]
     lines.append(f"params {params['total']:,} ({params['without_shortcuts']:,} w/o shortcuts)")
-    ppl = record["perplexity"]
-    if ppl:
+    entries = record.get("perplexities")
+    if entries is None:  # records from before several texts could be measured
+        entries = [record["perplexity"]] if record["perplexity"] else []
+    for ppl in entries:
         lines.append(
             f"ppl    {ppl['ppl']:.3f}  on {ppl['source']}  "
             f"({ppl['windows']} windows x {ppl['seqlen']} tokens)"
@@ -144,3 +148,51 @@ def format_summary(record: dict) -> str:
         + "  ".join(f"{key} {value:.1f}s" for key, value in wall.items() if value is not None)
     )
     return "\n".join(lines)
+
+
+def missing_measurements(record: dict | None, options: dict) -> dict:
+    """What of `evaluate(**options)`'s perplexity texts and tasks `record` lacks, as the
+    `ppl`/`tasks` options that would measure only that (everything when there is no record)."""
+    from dimcut import data_sources
+
+    sources = options.get("ppl") or []
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    tasks = list(options.get("tasks") or [])
+    if record is None:
+        return {"ppl": sources, "tasks": tasks}
+    split = options.get("ppl_split", "test")
+    seqlen = options.get("seqlen", 2048)
+    measured = set()
+    if record.get("ppl_windows", "unrecorded") == options.get("ppl_windows"):
+        entries = record.get("perplexities") or []
+        measured = {e["source"] for e in entries if e["seqlen"] == seqlen}
+    same_limit = record.get("limit") == options.get("limit")
+    have_tasks = set(record.get("tasks") or {}) if same_limit else set()
+    return {
+        "ppl": [s for s in sources if data_sources.source_key(s, split) not in measured],
+        "tasks": [t for t in tasks if t not in have_tasks],
+    }
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """`old` with the measurements of `new` (the same checkpoint, measured later) added."""
+    if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
+        raise ValueError(
+            f"cannot merge results of different checkpoints ({old['model']['path']} and "
+            f"{new['model']['path']}: fingerprints differ)"
+        )
+    merged = {**old, "versions": new["versions"]}
+    if new["perplexities"]:
+        merged["perplexities"] = [*(old.get("perplexities") or []), *new["perplexities"]]
+        merged["perplexity"] = merged["perplexities"][0]
+        merged["ppl_windows"] = new["ppl_windows"]
+    if new["tasks"]:
+        same_limit = old.get("limit") == new["limit"]
+        merged["tasks"] = {**(old["tasks"] if same_limit else {}), **new["tasks"]}
+        merged["limit"] = new["limit"]
+    wall = dict(old["wall_seconds"])
+    for key, value in new["wall_seconds"].items():
+        if value is not None:
+            wall[key] = (wall.get(key) or 0) + value
+    merged["wall_seconds"] = wall
+    return merged

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from dimcut import data_sources
@@ -32,7 +33,7 @@ DEFAULT_PPL_SOURCE = data_sources.WIKI_OFFLINE
 def evaluate(
     model_dir: str | Path,
     *,
-    ppl: str | None = DEFAULT_PPL_SOURCE,
+    ppl: str | Sequence[str] | None = DEFAULT_PPL_SOURCE,
     ppl_split: str = "test",
     seqlen: int = 2048,
     ppl_windows: int | None = None,
@@ -47,7 +48,8 @@ def evaluate(
 ) -> dict:
     """Evaluate a dense or dimcut-sliced checkpoint; returns a `dimcut.results/1` record.
 
-    `ppl` is a text source (`dimcut.data_sources`) or None, cut into windows of `seqlen` tokens
+    `ppl` is a text source (`dimcut.data_sources`), several (each measured; the first is the
+    record's `perplexity`, all are in `perplexities`) or None, cut into windows of `seqlen` tokens
     (at most `ppl_windows` of them); `tasks` are names from `TASKS`, run on `task_data` (see
     `prepare_tasks`), at most `limit` examples each.
     """
@@ -66,10 +68,16 @@ def evaluate(
     device = str(torch_device(device))
     facts = model_facts(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    windows = None
-    if ppl:
-        documents = data_sources.load_documents(ppl, ppl_split)
-        windows = cut_windows(tokenizer, documents, seqlen, ppl_windows)
+    sources = [ppl] if isinstance(ppl, str) else list(ppl or ())
+    keys = [data_sources.source_key(source, ppl_split) for source in sources]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"ppl names one text twice: {', '.join(sources)}")
+    texts = {  # every text is read and cut before the model loads
+        key: cut_windows(
+            tokenizer, data_sources.load_documents(source, ppl_split), seqlen, ppl_windows
+        )
+        for key, source in zip(keys, sources, strict=True)
+    }
     wall = {"load": None, "perplexity": None, "tasks": None, "total": None}
 
     with tempfile.TemporaryDirectory(prefix="dimcut-tasks-") as config_dir:
@@ -94,15 +102,17 @@ def evaluate(
             )
             wall["tasks"] = time.perf_counter() - clock
 
-        ppl_entry = None
-        if windows is not None:
+        perplexities = []
+        if texts:
             clock = time.perf_counter()
-            key = data_sources.source_key(ppl, ppl_split)
-            ppl_entry = {
-                "source": key,
-                **score_windows(model, windows, batch_size),
-                "overlaps_calibration": overlaps_calibration(facts, key),
-            }
+            perplexities = [
+                {
+                    "source": key,
+                    **score_windows(model, windows, batch_size),
+                    "overlaps_calibration": overlaps_calibration(facts, key),
+                }
+                for key, windows in texts.items()
+            ]
             wall["perplexity"] = time.perf_counter() - clock
 
         task_entries = {}
@@ -125,13 +135,16 @@ def evaluate(
             "original_hidden_size": facts["original_hidden_size"],
             "parameters": count_parameters(model),
             "calibration": facts["calibration"],
+            "widths": facts["widths"],
             "heal": facts["heal"],
         },
-        "perplexity": ppl_entry,
+        "perplexity": perplexities[0] if perplexities else None,
+        "perplexities": perplexities,
         "tasks": task_entries,
         "versions": versions(),
         "seed": seed,
         "limit": limit,
+        "ppl_windows": ppl_windows,
         "num_fewshot": 0,
         "batch_size": batch_size,
         "device": device,

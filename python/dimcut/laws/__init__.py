@@ -10,15 +10,18 @@ measured point (s = 0, y = 1 for perplexity, y = 0 for accuracy) and takes part 
 fits. With a fixed intercept (b = 1 or b = 0) that point is the constraint itself, so it is left
 out of the fit's n, RMSE and R² (it would only add a zero residual and a spurious degree of freedom).
 
-Records are `dimcut.results/1` JSON files (docs/results-schema.md), grouped by `model.label`.
+Records are `dimcut.results/1` JSON files (docs/results-schema.md), grouped by `model.label` and
+cut variant (`records.cut_variant`); the perplexity law is fitted per evaluation text.
 
-Modules, each importing only those before it: `records` (loading, grouping by model), `stats`
-(least squares, Student's t), `fit` (the laws per model, fit.json), `predict`, `plot`
-(matplotlib), `cli` (`dimcut fit`, `dimcut predict`).
+Modules, each importing only those before it: `records` (loading, merging, grouping), `stats`
+(least squares, Student's t), `fit` (the laws per model and variant, fit.json), `predict`,
+`holdout` (predicted vs measured at held-out cuts), `plot` (matplotlib), `cli` (`dimcut fit`,
+`dimcut predict`).
 """
 
 from dimcut.laws.cli import add_commands
 from dimcut.laws.fit import FitReport, MetricFit, ModelFit, fit_records
+from dimcut.laws.holdout import HoldoutCheck, check_holdout
 from dimcut.laws.plot import plot_fits
 from dimcut.laws.predict import Prediction, max_sparsity, predict
 from dimcut.laws.records import Record, group_by_model, load_records
@@ -26,12 +29,14 @@ from dimcut.laws.stats import LineFit, fit_line
 
 __all__ = [
     "FitReport",
+    "HoldoutCheck",
     "LineFit",
     "MetricFit",
     "ModelFit",
     "Prediction",
     "Record",
     "add_commands",
+    "check_holdout",
     "fit_line",
     "fit_records",
     "group_by_model",

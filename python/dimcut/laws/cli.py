@@ -16,6 +16,7 @@ from dimcut.laws.fit import (
     fit_records,
     text_table,
 )
+from dimcut.laws.holdout import check_holdout, holdout_markdown, holdout_table
 from dimcut.laws.plot import plot_fits
 from dimcut.laws.predict import (
     EXTRAPOLATION_MARGIN,
@@ -35,9 +36,13 @@ def add_commands(subparsers) -> None:
         "fit",
         description=(
             "Fit the laws of arXiv 2503.04377 to results records (dimcut.results/1): "
-            f"{PERPLEXITY_LAW.formula} and, per task, {ACCURACY_LAW.formula}, with s = 1 − d/D "
-            "the effective sparsity and acc the task's headline metric. Records are grouped by "
-            "model label; each model needs its dense record (s = 0) and at least 2 sliced ones. "
+            f"{PERPLEXITY_LAW.formula} on each evaluation text and, per task, "
+            f"{ACCURACY_LAW.formula}, with s = 1 − d/D the effective sparsity and acc the task's "
+            "headline metric. Records are grouped by model label and cut variant (format, "
+            "plain weighting, width schedule, healing: e.g. slicegpt, plain/rms, "
+            "slicegpt/widths=variance, slicegpt/healed-kd-200); records of one model in several "
+            "files (one per text, say) are merged. Each group needs the model's dense record "
+            "(s = 0) and at least 2 sliced ones. "
             "The dense record is the fit's point s = 0 (y = 1 for perplexity, 0 for accuracy); "
             "with --fixed-intercept it fixes b instead. Prints a table like the paper's Table 3 "
             "(RMSE = root mean squared residual; SE = standard error)."
@@ -74,6 +79,19 @@ def add_commands(subparsers) -> None:
         metavar="NAME",
         help="fit only this model label (repeatable; default: every model found)",
     )
+    fit.add_argument(
+        "--holdout",
+        metavar="S1,S2,...",
+        help="leave the cuts made at these requested sparsities out of the fit, then predict "
+        "them and print predicted vs measured with interval coverage (e.g. 0.25,0.3,0.4)",
+    )
+    fit.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        metavar="P",
+        help="confidence level of the --holdout prediction intervals (default 0.95)",
+    )
     fit.set_defaults(func=_run_fit)
 
     predict_parser = subparsers.add_parser(
@@ -95,12 +113,36 @@ def add_commands(subparsers) -> None:
         "--max-ppl", type=float, metavar="X", help="largest sparsity with predicted PPL ≤ X"
     )
     target.add_argument(
+        "--target-params",
+        metavar="FRACTION|COUNT",
+        help="predict every metric for the cut that fits this parameter budget (a fraction of the "
+        "dense model such as 0.8, or a count such as 120M), as `dimcut slice --target-params` "
+        "would cut it; needs --model-dir",
+    )
+    target.add_argument(
         "--min-acc",
         metavar="TASK=Y",
         help="largest sparsity with predicted accuracy on TASK ≥ Y (e.g. arc_easy=0.6)",
     )
     predict_parser.add_argument(
         "--model", metavar="LABEL", help="the model to use when the fit holds several"
+    )
+    predict_parser.add_argument(
+        "--variant",
+        metavar="VARIANT",
+        help="the cut variant to use when the fit holds several (e.g. slicegpt, plain/rms)",
+    )
+    predict_parser.add_argument(
+        "--model-dir",
+        metavar="MODEL",
+        help="with --target-params: the dense model (directory or alias) whose parameters are "
+        "counted, in the fit's cut format",
+    )
+    predict_parser.add_argument(
+        "--text",
+        metavar="SOURCE",
+        help="with --max-ppl: the evaluation text whose perplexity is bounded (as the fit names "
+        "it, e.g. wiki-offline:test; default: the headline text, the first measured)",
     )
     predict_parser.add_argument(
         "--hidden-size",
@@ -126,15 +168,27 @@ def add_commands(subparsers) -> None:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
+    records = load_records(args.runs)
+    held_out = _sparsities(args.holdout) if args.holdout else ()
     report = fit_records(
-        load_records(args.runs), fixed_intercept=args.fixed_intercept, labels=args.label
+        records, fixed_intercept=args.fixed_intercept, labels=args.label, held_out=held_out
     )
+    checks = check_holdout(report, records, confidence=args.confidence) if held_out else []
     print(report.table(), end="")
+    if checks:
+        print(f"\nHeld out of the fit (requested s = {args.holdout}), predicted:\n")
+        print(holdout_table(checks), end="")
     if args.output:
-        report.save(args.output)
+        document = report.to_dict()
+        if checks:
+            document["holdout"] = [check.to_dict() for check in checks]
+        atomic_write_text(args.output, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.output}")
     if args.markdown:
         text = report.markdown()
+        if checks:
+            text += f"\n## Held out of the fit (requested s = {args.holdout})\n\n"
+            text += holdout_markdown(checks)
         atomic_write_text(args.markdown, text)
         print(f"wrote {args.markdown}")
     if args.plot:
@@ -143,17 +197,31 @@ def _run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparsities(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--holdout wants comma-separated sparsities, got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise ValueError(f"--holdout sparsities must lie in (0, 1), got {text!r}")
+    return values
+
+
 def _run_predict(args: argparse.Namespace) -> int:
-    model = FitReport.load(args.fit).model(args.model)
+    model = FitReport.load(args.fit).model(args.model, args.variant)
     options = {
         "confidence": args.confidence,
         "allow_extrapolation": args.allow_extrapolation,
         "hidden_size": args.hidden_size,
     }
-    if args.sparsity is not None:
+    budget_line = None
+    if args.target_params is not None:
+        sparsity, budget_line = _budget_sparsity(model, args)
+        predictions = predict(model, sparsity, **options)
+    elif args.sparsity is not None:
         predictions = predict(model, args.sparsity, **options)
     elif args.max_ppl is not None:
-        predictions = [max_sparsity(model, PERPLEXITY, args.max_ppl, **options)]
+        predictions = [max_sparsity(model, PERPLEXITY, args.max_ppl, text=args.text, **options)]
     else:
         task, _, value = args.min_acc.rpartition("=")
         try:
@@ -173,17 +241,50 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         D = args.hidden_size or model.hidden_size
+        if budget_line:
+            print(budget_line)
         print(_prediction_text(model, predictions, D), end="")
     return 0
 
 
+def _budget_sparsity(model: ModelFit, args: argparse.Namespace) -> tuple[float, str]:
+    """The effective sparsity of the cut `dimcut slice --target-params` makes, in the fit's
+    format (its variant's first part), and a line saying so."""
+    from dimcut.architectures import load_architecture  # these load torch: only when asked
+    from dimcut.plan import Format
+    from dimcut.slicing import budget_cut, parse_parameter_count
+    from dimcut.zoo import resolve_model
+
+    if not args.model_dir:
+        raise ValueError("--target-params needs --model-dir, the dense model to count")
+    model_dir = resolve_model(args.model_dir)
+    arch = load_architecture(model_dir)
+    if model.hidden_size and arch.hidden_size != model.hidden_size:
+        raise ValueError(
+            f"--model-dir {args.model_dir}: hidden size {arch.hidden_size}, but the fit's model "
+            f"{model.name!r} has D = {model.hidden_size}"
+        )
+    fmt = Format.parse((model.variant or Format.SLICEGPT.value).split("/")[0])
+    try:
+        target = parse_parameter_count(args.target_params)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--target-params: {exc}") from None
+    budget, width, _ = budget_cut(model_dir, arch, fmt, target)
+    sparsity = 1 - width / arch.hidden_size
+    line = (
+        f"parameter budget {budget:,}: the widest {fmt.value} cut within it has d = {width} of "
+        f"D = {arch.hidden_size} ({X_AXIS} = {sparsity:.4f})"
+    )
+    return sparsity, line
+
+
 def _prediction_text(model: ModelFit, predictions: list[Prediction], D: int | None) -> str:
     first = predictions[0]  # all share sparsity, width and budget
-    lines = [f"model {model.label}"]
+    lines = [f"model {model.name}"]
     if first.budget is not None:
         relation = "≤" if first.metric == PERPLEXITY else "≥"
         lines.append(
-            f"largest {X_AXIS} with predicted {first.metric} {relation} {first.budget:g}: "
+            f"largest {X_AXIS} with predicted {first.metric_name} {relation} {first.budget:g}: "
             f"{first.sparsity:.4f}"
         )
         if first.hidden_size is not None:
@@ -209,7 +310,7 @@ def _prediction_text(model: ModelFit, predictions: list[Prediction], D: int | No
 
     rows = [["metric", "predicted", f"{first.confidence:.0%} prediction interval", ""]] + [
         [
-            f"{p.metric} ({p.measure})",
+            f"{p.metric_name} ({p.measure})",
             number(p.value),
             f"[{number(p.interval[0])}, {number(p.interval[1])}]",
             "extrapolated" if p.extrapolated else "",

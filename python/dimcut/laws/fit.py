@@ -61,6 +61,12 @@ class MetricFit:
     measure: str  # "ppl" or the task's headline metric, e.g. "acc_norm"
     baseline: float  # PPL0 or acc0: the dense model's value
     line: LineFit
+    text: str | None = None  # the perplexity's evaluation text (None for tasks)
+
+    @property
+    def name(self) -> str:
+        """The metric as tables show it: a task, or the perplexity with its text."""
+        return f"{self.metric} on {self.text}" if self.text else self.metric
 
     @property
     def law(self) -> Law:
@@ -76,6 +82,7 @@ class MetricFit:
         return {
             "metric": self.metric,
             "measure": self.measure,
+            "text": self.text,
             "law": self.law.formula,
             "baseline": self.baseline,
             "a": line.a,
@@ -101,7 +108,7 @@ class MetricFit:
         points = data["points"]
         intercept = data["b"] if data["fixed_intercept"] else None
         line = fit_line([p["s"] for p in points], [p["y"] for p in points], intercept=intercept)
-        return cls(data["metric"], data["measure"], data["baseline"], line)
+        return cls(data["metric"], data["measure"], data["baseline"], line, data.get("text"))
 
 
 @dataclass(frozen=True)
@@ -111,17 +118,26 @@ class ModelFit:
     label: str
     hidden_size: int | None  # D, when the records give it
     metrics: tuple[MetricFit, ...]
+    variant: str | None = None  # how the model was cut (`records.cut_variant`); None: unknown
 
-    def metric(self, name: str) -> MetricFit:
+    @property
+    def name(self) -> str:
+        return self.label if self.variant is None else f"{self.label} [{self.variant}]"
+
+    def metric(self, name: str, text: str | None = None) -> MetricFit:
+        """The fit of a task, or of the perplexity on `text` (default: the headline text, the
+        first one measured)."""
         for fit in self.metrics:
-            if fit.metric == name:
+            if fit.metric == name and (text is None or fit.text == text):
                 return fit
-        known = ", ".join(f.metric for f in self.metrics)
-        raise ValueError(f"model {self.label!r} has no fit for {name!r} (it has: {known})")
+        known = ", ".join(f.name for f in self.metrics)
+        wanted = f"{name} on {text}" if text else name
+        raise ValueError(f"model {self.name!r} has no fit for {wanted!r} (it has: {known})")
 
     def to_dict(self) -> dict:
         return {
             "label": self.label,
+            "variant": self.variant,
             "hidden_size": self.hidden_size,
             "fits": [fit.to_dict() for fit in self.metrics],
         }
@@ -129,38 +145,51 @@ class ModelFit:
     @classmethod
     def from_dict(cls, data: dict) -> ModelFit:
         metrics = tuple(MetricFit.from_dict(fit) for fit in data["fits"])
-        return cls(data["label"], data.get("hidden_size"), metrics)
+        return cls(data["label"], data.get("hidden_size"), metrics, data.get("variant"))
 
 
-def fit_model(runs: ModelRuns, *, fixed_intercept: bool = False) -> ModelFit:
-    """Fit the perplexity law and one accuracy law per task measured on the sliced models."""
-    metrics = ([PERPLEXITY] if any(r.perplexity is not None for r in runs.sliced) else []) + sorted(
-        {task for r in runs.sliced for task in r.tasks}
-    )
+def fit_model(
+    runs: ModelRuns, *, fixed_intercept: bool = False, exclude: Iterable[float] = ()
+) -> ModelFit:
+    """Fit the perplexity law on every text and one accuracy law per task measured on the sliced
+    models, leaving out the cuts at the requested sparsities `exclude` (held out)."""
+    kept = [r for r in runs.sliced if not _held_out(r, exclude)]
+    texts = list(dict.fromkeys(t for r in [runs.dense, *kept] for t in r.perplexities))
+    metrics = [(PERPLEXITY, t) for t in texts if any(t in r.perplexities for r in kept)]
+    metrics += [(task, None) for task in sorted({task for r in kept for task in r.tasks})]
     if not metrics:
-        raise ValueError(f"model {runs.label!r}: its sliced records measure nothing to fit")
+        raise ValueError(f"model {runs.name!r}: its sliced records measure nothing to fit")
     return ModelFit(
         runs.label,
         runs.hidden_size,
-        tuple(_fit_metric(runs, metric, fixed_intercept) for metric in metrics),
+        tuple(_fit_metric(runs, kept, m, t, fixed_intercept) for m, t in metrics),
+        runs.variant,
     )
 
 
-def _measurement(record: Record, metric: str) -> tuple[str, float] | None:
+def _held_out(record: Record, sparsities: Iterable[float]) -> bool:
+    return any(math.isclose(record.sparsity, s, abs_tol=1e-9) for s in sparsities)
+
+
+def measurement(record: Record, metric: str, text: str | None) -> tuple[str, float] | None:
+    """(measure, value) of `metric` (on `text`, for the perplexity) in `record`, if measured."""
     if metric == PERPLEXITY:
-        return None if record.perplexity is None else ("ppl", record.perplexity)
+        found = record.perplexities.get(text)
+        return None if found is None else ("ppl", found[0])
     return record.tasks.get(metric)
 
 
-def _fit_metric(runs: ModelRuns, metric: str, fixed_intercept: bool) -> MetricFit:
-    where = f"model {runs.label!r}, {metric}"
-    dense = _measurement(runs.dense, metric)
+def _fit_metric(
+    runs: ModelRuns, kept: list[Record], metric: str, text: str | None, fixed_intercept: bool
+) -> MetricFit:
+    where = f"model {runs.name!r}, {metric}" + (f" on {text}" if text else "")
+    dense = measurement(runs.dense, metric, text)
     if dense is None:
         raise ValueError(
             f"{where}: measured on sliced models but not on the dense baseline {runs.dense.path}"
         )
     measure, baseline = dense
-    measured = [(r, m[1]) for r in runs.sliced if (m := _measurement(r, metric)) is not None]
+    measured = [(r, m[1]) for r in kept if (m := measurement(r, metric, text)) is not None]
     if len(measured) < 2:
         at = ", ".join(f"s = {r.effective_sparsity:.3g}" for r, _ in measured) or "none"
         raise ValueError(
@@ -178,7 +207,7 @@ def _fit_metric(runs: ModelRuns, metric: str, fixed_intercept: bool) -> MetricFi
         points.insert(0, (0.0, law.to_y(baseline, baseline)))
     s, y = zip(*points)
     line = fit_line(s, y, intercept=law.theory_intercept if fixed_intercept else None)
-    return MetricFit(metric, measure, baseline, line)
+    return MetricFit(metric, measure, baseline, line, text)
 
 
 def _check_domain(where: str, path: str, value: float, metric: str) -> None:
@@ -190,7 +219,19 @@ def _check_domain(where: str, path: str, value: float, metric: str) -> None:
         raise ValueError(f"{where}: accuracy = {value} in {path}; ln(acc/acc0) needs acc > 0")
 
 
-_TABLE_HEADER = ["model", "metric", "a", "b", "RMSE", "R²", "SE(a)", "SE(b)", "n", "RMSE theory"]
+_TABLE_HEADER = [
+    "model",
+    "variant",
+    "metric",
+    "a",
+    "b",
+    "RMSE",
+    "R²",
+    "SE(a)",
+    "SE(b)",
+    "n",
+    "RMSE theory",
+]
 
 
 def text_table(rows: list[list[str]], *, left: int) -> str:
@@ -214,18 +255,24 @@ class FitReport:
     models: tuple[ModelFit, ...]
     fixed_intercept: bool
     sources: tuple[str, ...] = ()
+    held_out: tuple[float, ...] = ()  # requested sparsities left out of the fits
 
-    def model(self, label: str | None = None) -> ModelFit:
-        """The fit of `label`; without a label, the only model."""
-        labels = [m.label for m in self.models]
-        if label is None:
-            if len(self.models) == 1:
-                return self.models[0]
-            raise ValueError(f"the fit holds several models ({', '.join(labels)}); choose one")
-        for model in self.models:
-            if model.label == label:
-                return model
-        raise ValueError(f"no model {label!r} in the fit (it has: {', '.join(labels)})")
+    def model(self, label: str | None = None, variant: str | None = None) -> ModelFit:
+        """The fit of `label` cut as `variant`; either may be omitted when only one matches."""
+        found = [
+            m
+            for m in self.models
+            if (label is None or m.label == label) and (variant is None or m.variant == variant)
+        ]
+        if len(found) == 1:
+            return found[0]
+        names = ", ".join(m.name for m in self.models)
+        if not found:
+            wanted = " ".join(filter(None, [label and repr(label), variant and f"[{variant}]"]))
+            raise ValueError(f"no model {wanted} in the fit (it has: {names})")
+        raise ValueError(
+            f"the fit holds several models ({names}); choose one with a label and a variant"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -239,6 +286,7 @@ class FitReport:
                 "not among the points. theory_rmse: the line a = −1, b = 1."
             ),
             "sources": list(self.sources),
+            "held_out": list(self.held_out),
             "models": [model.to_dict() for model in self.models],
         }
 
@@ -247,7 +295,12 @@ class FitReport:
         if data.get("schema") != FIT_SCHEMA:
             raise ValueError(f"schema {data.get('schema')!r}, expected {FIT_SCHEMA!r}")
         models = tuple(ModelFit.from_dict(model) for model in data["models"])
-        return cls(models, data["intercept"] == "fixed", tuple(data.get("sources", ())))
+        return cls(
+            models,
+            data["intercept"] == "fixed",
+            tuple(data.get("sources", ())),
+            tuple(data.get("held_out", ())),
+        )
 
     def save(self, path: str | Path) -> None:
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
@@ -273,7 +326,8 @@ class FitReport:
                 rows.append(
                     [
                         model.label,
-                        f"{fit.metric} ({fit.measure})",
+                        model.variant or "—",
+                        f"{fit.name} ({fit.measure})",
                         num(line.a),
                         num(line.b),
                         num(line.rmse),
@@ -303,7 +357,7 @@ class FitReport:
     def table(self) -> str:
         """A plain-text table shaped like the paper's Table 3."""
         caption = "\n".join(self._caption())
-        return caption + "\n\n" + text_table([_TABLE_HEADER, *self._rows()], left=2)
+        return caption + "\n\n" + text_table([_TABLE_HEADER, *self._rows()], left=3)
 
     def markdown(self) -> str:
         """The same table as Markdown."""
@@ -313,7 +367,7 @@ class FitReport:
             "  \n".join(self._caption()),  # two trailing spaces: a Markdown line break
             "",
             "| " + " | ".join(_TABLE_HEADER) + " |",
-            "|" + "|".join(["---"] * 2 + ["---:"] * (len(_TABLE_HEADER) - 2)) + "|",
+            "|" + "|".join(["---"] * 3 + ["---:"] * (len(_TABLE_HEADER) - 3)) + "|",
             *("| " + " | ".join(row) + " |" for row in self._rows()),
         ]
         return "\n".join(lines) + "\n"
@@ -324,18 +378,26 @@ def fit_records(
     *,
     fixed_intercept: bool = False,
     labels: Iterable[str] | None = None,
+    held_out: Iterable[float] = (),
 ) -> FitReport:
-    """Fit the laws for every model among `records` (or only those in `labels`)."""
-    records = list(records)
+    """Fit the laws for every model and cut variant among `records` (or only the models in
+    `labels`), leaving out the cuts at the requested sparsities `held_out`."""
     groups = group_by_model(records)
     if labels:
-        missing = [label for label in labels if label not in groups]
+        found = {label for label, _ in groups}
+        missing = [label for label in labels if label not in found]
         if missing:
             raise ValueError(
                 f"no records for model(s) {', '.join(map(repr, missing))} "
-                f"(found: {', '.join(map(repr, groups))})"
+                f"(found: {', '.join(map(repr, sorted(found)))})"
             )
-        groups = {label: groups[label] for label in labels}
-    models = tuple(fit_model(runs, fixed_intercept=fixed_intercept) for runs in groups.values())
-    sources = tuple(r.path for runs in groups.values() for r in (runs.dense, *runs.sliced))
-    return FitReport(models, fixed_intercept, sources)
+        groups = {key: runs for key, runs in groups.items() if key[0] in labels}
+    held_out = tuple(sorted(set(held_out)))
+    models = tuple(
+        fit_model(runs, fixed_intercept=fixed_intercept, exclude=held_out)
+        for runs in groups.values()
+    )
+    sources = tuple(
+        dict.fromkeys(r.path for runs in groups.values() for r in (runs.dense, *runs.sliced))
+    )
+    return FitReport(models, fixed_intercept, sources, held_out)

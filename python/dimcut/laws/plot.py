@@ -12,7 +12,8 @@ from dimcut.runtime import atomic_write
 
 
 def plot_fits(report: FitReport, path: str | Path) -> list[Path]:
-    """Draw the fits like the paper's Fig. 3: one panel per metric, every model in each panel.
+    """Draw the fits like the paper's Fig. 3: one panel per metric (the perplexity: per text),
+    every model and variant in each panel.
 
     Writes both a PNG and an SVG: `path` may end in .png, .svg or have no suffix.
     Returns the files written.
@@ -22,21 +23,21 @@ def plot_fits(report: FitReport, path: str | Path) -> list[Path]:
     path = Path(path)
     if path.suffix.lower() not in ("", ".png", ".svg"):
         raise ValueError(f"{path}: plots are written as .png and .svg")
-    metrics = list(dict.fromkeys(f.metric for m in report.models for f in m.metrics))
-    metrics.sort(key=lambda name: (name != PERPLEXITY, name))
+    metrics = list(dict.fromkeys((f.metric, f.text) for m in report.models for f in m.metrics))
+    metrics.sort(key=lambda key: (key[0] != PERPLEXITY, key[0]))
     columns = min(3, len(metrics))
     rows = math.ceil(len(metrics) / columns)
     figure = Figure(figsize=(4.8 * columns, 4.4 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     colours = [f"C{i % 10}" for i in range(len(report.models))]
 
-    for ax, metric in zip(axes, metrics):
+    for ax, (metric, text) in zip(axes, metrics):
         law = law_for(metric)
         panel = [
             (model, fit, colour)
             for model, colour in zip(report.models, colours)
             for fit in model.metrics
-            if fit.metric == metric
+            if (fit.metric, fit.text) == (metric, text)
         ]
         grid = np.linspace(0, max(fit.line.s_max for _, fit, _ in panel) * 1.05, 50)
         for model, fit, colour in panel:
@@ -47,13 +48,13 @@ def plot_fits(report: FitReport, path: str | Path) -> list[Path]:
                 line.a * grid + line.b,
                 color=colour,
                 label=(
-                    f"{model.label}: a = {line.a:.2f}, b = {line.b:.2f}"
+                    f"{model.name}: a = {line.a:.2f}, b = {line.b:.2f}"
                     f"{' (fixed)' if line.fixed_intercept else ''}, RMSE = {line.rmse:.3f}"
                 ),
             )
         if metric == PERPLEXITY:
             ax.plot(grid, 1 - grid, color="0.4", linestyle="--", label="theory: 1 − s")
-            title = f"perplexity: {law.formula}"
+            title = f"perplexity on {text}: {law.formula}" if text else f"perplexity: {law.formula}"
         else:
             measures = ", ".join(sorted({fit.measure for _, fit, _ in panel}))
             title = f"{metric} ({measures}): {law.formula}"

@@ -45,6 +45,12 @@ class Prediction:
     extrapolated: bool  # beyond the fitted range (but within the allowed margin)
     budget: float | None = None  # the budget of an inverse prediction
     width_multiple: int | None = None  # the multiple d is rounded to, when D is known
+    text: str | None = None  # the perplexity's evaluation text
+    variant: str | None = None  # how the model was cut
+
+    @property
+    def metric_name(self) -> str:
+        return f"{self.metric} on {self.text}" if self.text else self.metric
 
     def to_dict(self) -> dict:
         def bound(v: float) -> float | None:
@@ -52,7 +58,9 @@ class Prediction:
 
         return {
             "model": self.label,
+            "variant": self.variant,
             "metric": self.metric,
+            "text": self.text,
             "measure": self.measure,
             "sparsity": self.sparsity,
             "hidden_size": self.hidden_size,
@@ -103,8 +111,8 @@ def predict(
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     fits = [model.metric(name) for name in metrics] if metrics else list(model.metrics)
     predictions = [
-        _predict_metric(
-            model.label,
+        predict_metric(
+            model,
             fit,
             sparsity,
             confidence=confidence,
@@ -125,6 +133,7 @@ def max_sparsity(
     metric: str,
     budget: float,
     *,
+    text: str | None = None,
     confidence: float = 0.95,
     allow_extrapolation: bool = False,
     hidden_size: int | None = None,
@@ -135,8 +144,9 @@ def max_sparsity(
     *up* to the multiple m of the module docstring, so that the cut stays within the budget, and
     the prediction is made at that width's effective sparsity 1 − d/D (≤ the solved s): the
     sparsity from which `sliced_width`, and so `dimcut slice`, cuts exactly d.
+    `text` picks the perplexity's evaluation text (default: the headline one).
     """
-    fit = model.metric(metric)
+    fit = model.metric(metric, text)
     if metric == PERPLEXITY and not budget > 1:
         raise ValueError(f"a perplexity budget must exceed 1, got {budget}")
     if metric != PERPLEXITY and not 0 < budget <= 1:
@@ -144,7 +154,7 @@ def max_sparsity(
     a, b = fit.line.a, fit.line.b
     if a >= 0:
         raise ValueError(
-            f"model {model.label!r}, {metric}: fitted slope a = {a:.3g} ≥ 0, so the law predicts "
+            f"model {model.name!r}, {fit.name}: fitted slope a = {a:.3g} ≥ 0, so the law predicts "
             "no loss from sparsity and cannot bound it"
         )
     # Both laws are increasing in y (y up = better), so the budget is a lower bound on y.
@@ -152,7 +162,7 @@ def max_sparsity(
     solved = (y_required - b) / a
     if solved < 0:
         raise ValueError(
-            f"model {model.label!r}, {metric}: no sparsity meets {budget}; the law predicts "
+            f"model {model.name!r}, {fit.name}: no sparsity meets {budget}; the law predicts "
             f"{fit.law.from_y(b, fit.baseline):.4g} already at s = 0 (measured on the dense "
             f"model: {fit.baseline:.4g})"
         )
@@ -167,27 +177,28 @@ def max_sparsity(
         multiple, width, sparsity = None, None, solved
     _check_range(fit.line, solved, allow_extrapolation)
     # The width's sparsity is at most the solved one, which passed the range check.
-    prediction = _predict_metric(
-        model.label, fit, sparsity, confidence=confidence, allow_extrapolation=True
+    prediction = predict_metric(
+        model, fit, sparsity, confidence=confidence, allow_extrapolation=True
     )
     return replace(prediction, budget=budget, hidden_size=width, width_multiple=multiple)
 
 
-def _predict_metric(
-    label: str,
+def predict_metric(
+    model: ModelFit,
     fit: MetricFit,
     sparsity: float,
     *,
     confidence: float,
     allow_extrapolation: bool,
 ) -> Prediction:
+    """One metric of `model` (its fit `fit`) predicted at `sparsity`, without a width."""
     extrapolated = _check_range(fit.line, sparsity, allow_extrapolation)
     y, y_low, y_high = fit.line.prediction_interval(sparsity, confidence)
     law = fit.law
     if fit.metric == PERPLEXITY:
         if y <= 0:
             raise ValueError(
-                f"model {label!r}: a·s + b = {y:.3g} ≤ 0 at s = {sparsity}; the perplexity law "
+                f"model {model.name!r}: a·s + b = {y:.3g} ≤ 0 at s = {sparsity}; the perplexity law "
                 "predicts an unbounded perplexity there"
             )
         interval = (law.from_y(y_high, fit.baseline), law.from_y(y_low, fit.baseline))
@@ -195,7 +206,7 @@ def _predict_metric(
         # Accuracies are probabilities: clip the interval to [0, 1].
         interval = (law.from_y(y_low, fit.baseline), min(1.0, law.from_y(y_high, fit.baseline)))
     return Prediction(
-        label=label,
+        label=model.label,
         metric=fit.metric,
         measure=fit.measure,
         sparsity=sparsity,
@@ -206,6 +217,8 @@ def _predict_metric(
         y_interval=(y_low, y_high),
         hidden_size=None,
         extrapolated=extrapolated,
+        text=fit.text,
+        variant=model.variant,
     )
 
 

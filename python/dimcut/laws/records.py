@@ -11,19 +11,44 @@ from pathlib import Path
 
 from dimcut.evaluation import SCHEMA as RESULTS_SCHEMA
 
+DENSE = "dense"  # the variant of an unsliced model
+
+
+def cut_variant(model: dict) -> str:
+    """How a record's model was cut, as the laws group it: the format, then what departs from a
+    uniform un-healed cut (e.g. `slicegpt`, `plain/rms`, `slicegpt/widths=variance`,
+    `slicegpt/healed-kd-200`). Records older than a setting read as its default then."""
+    fmt = model.get("format") or "slicegpt"
+    if fmt == DENSE:
+        return DENSE
+    calibration = model.get("calibration") or {}
+    parts = [fmt]
+    if fmt == "plain":
+        parts.append(calibration.get("weighting", "raw"))  # raw was the only weighting before
+    widths = model.get("widths") or ("schedule" if calibration.get("widths") else "uniform")
+    if widths != "uniform":
+        parts.append(f"widths={widths if widths == 'variance' else Path(widths).stem}")
+    heal = model.get("heal")
+    if heal:
+        parts.append(f"healed-{heal.get('loss')}-{heal.get('steps')}")
+    return "/".join(parts)
+
 
 @dataclass(frozen=True)
 class Record:
-    """One evaluated model (a `dimcut.results/1` file), reduced to what the laws need."""
+    """One evaluated model (a `dimcut.results/1` file, or several of one model merged), reduced
+    to what the laws need."""
 
     path: str
     label: str | None
     fingerprint: str | None
+    variant: str  # `cut_variant`: the laws fit each variant of a model apart
+    sparsity: float  # the requested s (the effective one when not recorded)
     effective_sparsity: float
     original_hidden_size: int | None  # D
-    perplexity: float | None
-    perplexity_setup: tuple | None  # (source, seqlen): all records of a model must share it
+    perplexities: dict[str, tuple[float, int]]  # text -> (PPL, seqlen); the headline text first
     tasks: dict[str, tuple[str, float]]  # task -> (headline metric name, value)
+    calibration: str | None = None  # the calibration text's hash: cuts made alike share it
 
     @property
     def is_dense(self) -> bool:
@@ -43,26 +68,80 @@ class Record:
         if not 0 <= sparsity < 1:
             raise ValueError(f"{path}: model.effective_sparsity = {sparsity} is outside [0, 1)")
 
-        ppl_block = data.get("perplexity")
-        ppl = None
-        if ppl_block and ppl_block.get("ppl") is not None:
-            ppl = _finite(ppl_block["ppl"], "perplexity.ppl", path)
+        entries = data.get("perplexities")
+        where = "perplexities[{}].ppl"
+        if entries is None:  # records from before several texts could be measured
+            entries, where = (
+                [data["perplexity"]] if data.get("perplexity") else [],
+                "perplexity.ppl",
+            )
+        perplexities = {}
+        for i, entry in enumerate(entries):
+            if entry and entry.get("ppl") is not None:
+                value = _finite(entry["ppl"], where.format(i), path)
+                perplexities[str(entry.get("source"))] = (value, entry.get("seqlen"))
         tasks = {}
         for task, result in (data.get("tasks") or {}).items():
             if result and result.get("headline") is not None:
                 value = _finite(result["headline"], f"tasks.{task}.headline", path)
                 tasks[task] = (result.get("headline_metric") or "headline", value)
+        requested = model.get("sparsity")
         return cls(
             path=path,
             label=model.get("label") or None,
             fingerprint=model.get("fingerprint"),
+            variant=cut_variant(model),
+            sparsity=sparsity if requested is None else float(requested),
             effective_sparsity=sparsity,
             original_hidden_size=model.get("original_hidden_size"),
-            perplexity=ppl,
-            perplexity_setup=(
-                (ppl_block.get("source"), ppl_block.get("seqlen")) if ppl is not None else None
-            ),
+            perplexities=perplexities,
             tasks=tasks,
+            calibration=(model.get("calibration") or {}).get("token_sha256"),
+        )
+
+    def merged(self, other: Record) -> Record:
+        """One record with the measurements of both (the same model, measured in several runs:
+        e.g. one file per text); a measurement both hold must agree."""
+
+        def clash(name: str, mine: tuple, theirs: tuple, value: int) -> None:
+            setup = 1 - value
+            if mine[setup] != theirs[setup] or not math.isclose(
+                mine[value], theirs[value], rel_tol=1e-6
+            ):
+                raise ValueError(
+                    f"{self.path} and {other.path} are the same model ({self.label!r}, "
+                    f"{self.variant}, s = {self.effective_sparsity:.4g}) but disagree on "
+                    f"{name}: {mine} vs {theirs}"
+                )
+
+        for text, theirs in other.perplexities.items():  # (PPL, seqlen)
+            if text in self.perplexities:
+                clash(f"perplexity on {text}", self.perplexities[text], theirs, value=0)
+        for task, theirs in other.tasks.items():  # (metric, value)
+            if task in self.tasks:
+                clash(f"task {task}", self.tasks[task], theirs, value=1)
+        return Record(
+            path=f"{self.path} + {other.path}",
+            label=self.label,
+            fingerprint=self.fingerprint,
+            variant=self.variant,
+            sparsity=self.sparsity,
+            effective_sparsity=self.effective_sparsity,
+            original_hidden_size=self.original_hidden_size,
+            perplexities={**self.perplexities, **other.perplexities},
+            tasks={**self.tasks, **other.tasks},
+            calibration=self.calibration,
+        )
+
+    @property
+    def identity(self) -> tuple:
+        """What makes two records measurements of the same model (their files may differ)."""
+        return (
+            self.label,
+            self.variant,
+            self.fingerprint,
+            self.effective_sparsity,
+            self.calibration,
         )
 
 
@@ -126,9 +205,10 @@ def _read_results_json(file: Path, *, required: bool) -> dict | None:
 
 @dataclass(frozen=True)
 class ModelRuns:
-    """The records of one dense model: its baseline (s = 0) and its sliced variants."""
+    """The records of one variant of one dense model: its baseline (s = 0) and its cuts."""
 
     label: str
+    variant: str
     dense: Record
     sliced: tuple[Record, ...]
 
@@ -137,10 +217,24 @@ class ModelRuns:
         """D, the dense model's hidden size, when the records give it."""
         return self.dense.original_hidden_size
 
+    @property
+    def name(self) -> str:
+        return f"{self.label} [{self.variant}]"
 
-def group_by_model(records: Iterable[Record]) -> dict[str, ModelRuns]:
-    """Group records by model label and find each model's dense baseline; check they belong together."""
-    records = list(records)
+
+def merge_measurements(records: Iterable[Record]) -> list[Record]:
+    """Records of one model measured in several runs (one file per text, say) as one record."""
+    merged: dict[tuple, Record] = {}
+    for record in records:
+        key = record.identity
+        merged[key] = merged[key].merged(record) if key in merged else record
+    return list(merged.values())
+
+
+def group_by_model(records: Iterable[Record]) -> dict[tuple[str, str], ModelRuns]:
+    """Group records by (model label, cut variant), each group with the model's dense baseline;
+    check they belong together. Records of one model from several files are merged first."""
+    records = merge_measurements(records)
     unlabelled = [r.path for r in records if r.label is None]
     if unlabelled:
         raise ValueError(
@@ -150,10 +244,17 @@ def group_by_model(records: Iterable[Record]) -> dict[str, ModelRuns]:
     by_label: dict[str, list[Record]] = {}
     for record in records:
         by_label.setdefault(record.label, []).append(record)
-    return {label: _model_runs(label, group) for label, group in sorted(by_label.items())}
+    groups = {}
+    for label, group in sorted(by_label.items()):
+        dense = _dense_baseline(label, group)
+        variants = sorted({r.variant for r in group if not r.is_dense})
+        for variant in variants or [DENSE]:
+            sliced = [r for r in group if not r.is_dense and r.variant == variant]
+            groups[label, variant] = _model_runs(label, variant, dense, sliced)
+    return groups
 
 
-def _model_runs(label: str, records: list[Record]) -> ModelRuns:
+def _dense_baseline(label: str, records: list[Record]) -> Record:
     dense = [r for r in records if r.is_dense]
     if not dense:
         raise ValueError(
@@ -168,28 +269,31 @@ def _model_runs(label: str, records: list[Record]) -> ModelRuns:
                 f"{files}); give each model its own label"
             )
         raise ValueError(f"model {label!r}: {len(dense)} dense records ({files}); pass only one")
-    baseline = dense[0]
-    sliced = tuple(
-        sorted((r for r in records if not r.is_dense), key=lambda r: r.effective_sparsity)
-    )
+    return dense[0]
 
+
+def _model_runs(label: str, variant: str, baseline: Record, sliced: list[Record]) -> ModelRuns:
+    name = f"model {label!r} [{variant}]"
+    sliced.sort(key=lambda r: r.effective_sparsity)
     D = baseline.original_hidden_size
     for record in sliced:
         if D and record.original_hidden_size and record.original_hidden_size != D:
             raise ValueError(
-                f"model {label!r}: {record.path} was sliced from a model with D = "
+                f"{name}: {record.path} was sliced from a model with D = "
                 f"{record.original_hidden_size}, but the dense baseline {baseline.path} has D = {D}"
             )
-    setups = {r.perplexity_setup for r in records if r.perplexity_setup is not None}
-    if len(setups) > 1:
-        raise ValueError(
-            f"model {label!r}: perplexities were measured differently ((source, seqlen) = "
-            f"{sorted(setups, key=str)}); they are not comparable"
-        )
+    records = [baseline, *sliced]
+    for text in {t for r in records for t in r.perplexities}:
+        seqlens = {r.perplexities[text][1] for r in records if text in r.perplexities}
+        if len(seqlens) > 1:
+            raise ValueError(
+                f"{name}: perplexities on {text} were measured with different windows "
+                f"(seqlen {sorted(seqlens, key=str)}); they are not comparable"
+            )
     for task in {t for r in records for t in r.tasks}:
         measures = {r.tasks[task][0] for r in records if task in r.tasks}
         if len(measures) > 1:
             raise ValueError(
-                f"model {label!r}: task {task!r} has different headline metrics {sorted(measures)}"
+                f"{name}: task {task!r} has different headline metrics {sorted(measures)}"
             )
-    return ModelRuns(label, baseline, sliced)
+    return ModelRuns(label, variant, baseline, tuple(sliced))
