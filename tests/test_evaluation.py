@@ -206,6 +206,37 @@ def test_unknown_task_is_an_error(tmp_path):
 # ------------------------------------------------------------------------ record and command
 
 
+def test_several_texts_are_each_measured_on_one_load(tiny_llama_dir, tmp_path, capsys):
+    from dimcut import cli
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n\n".join(TEXT_DOCS), encoding="utf-8")
+    second.write_text("\n\n".join(reversed(TEXT_DOCS * 2)), encoding="utf-8")
+    options = {"seqlen": 64, "tasks": []}
+    both = evaluation.evaluate(tiny_llama_dir, ppl=[str(first), str(second)], **options)
+    alone = evaluation.evaluate(tiny_llama_dir, ppl=str(second), **options)
+    assert [e["source"] for e in both["perplexities"]] == [
+        str(first.resolve()),
+        str(second.resolve()),
+    ]
+    assert both["perplexity"] == both["perplexities"][0]
+    assert both["perplexities"][1]["ppl"] == pytest.approx(alone["perplexity"]["ppl"], rel=1e-6)
+    assert both["perplexities"][0]["ppl"] != pytest.approx(alone["perplexity"]["ppl"], rel=1e-3)
+    out = tmp_path / "r.json"
+    argv = [
+        "eval",
+        str(tiny_llama_dir),
+        "--ppl",
+        f"{first},{first}",
+        "--tasks",
+        "none",
+        "-o",
+        str(out),
+    ]
+    assert cli.main(argv) == 1
+    assert "names one text twice" in capsys.readouterr().err and not out.exists()
+
+
 def test_cli_writes_a_valid_record(tiny_llama_dir, task_data, tmp_path, capsys):
     from dimcut import cli
 

@@ -120,6 +120,20 @@ def test_a_resumed_sweep_measures_only_what_its_records_lack(setup, tmp_path, mo
         old["perplexity"]["source"],
         str(other.resolve()),
     ]
+    # A record of another cut (here: another calibration) lacking a text is measured afresh.
+    stale = json.loads(records[1].read_text())
+    stale["model"]["calibration"]["token_sha256"] = "another calibration"
+    stale["perplexities"] = stale["perplexities"][:1]
+    records[1].write_text(json.dumps(stale))
+    asked.clear()
+    sweep.sweep(
+        model, [0.25, 0.5], runs, slice_options={"fmt": "slicegpt", **SLICE},
+        eval_options=both, label="tiny", progress=False,
+    )  # fmt: skip
+    assert asked == [("s0.25", both["ppl"], [])]
+    fresh = json.loads(records[1].read_text())
+    assert fresh["model"]["calibration"]["token_sha256"] != "another calibration"
+    assert len(fresh["perplexities"]) == 2
 
 
 def test_plain_rotations_of_another_calibration_are_not_reused(setup, tmp_path, monkeypatch):

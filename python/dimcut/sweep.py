@@ -21,6 +21,7 @@ from dimcut.calibration.rotations import RECORD_FILE
 from dimcut.evaluation import (
     SCHEMA,
     add_evaluation_arguments,
+    describes,
     evaluate,
     evaluation_options,
     merge_results,
@@ -142,10 +143,13 @@ def sweep(
                     overwrite=True,
                     progress=progress,
                 )
-        # A record that lacks only some texts or tasks gets just those added.
-        record = evaluate(target, label=label, **{**eval_options, **lacking})
+        # A record that lacks only some texts or tasks gets just those added, if it was
+        # measured on this very cut; otherwise the point is measured afresh.
         old = read_record(record_path)
-        if old is not None and old["model"]["fingerprint"] == record["model"]["fingerprint"]:
+        if old is not None and not describes(old, target):
+            old, lacking = None, missing_measurements(None, eval_options)
+        record = evaluate(target, label=label, **{**eval_options, **lacking})
+        if old is not None:
             record = merge_results(old, record)
         seconds = (record.get("sweep") or {}).get("point_seconds", 0)
         record["sweep"] = {"point_seconds": seconds + time.perf_counter() - started}

@@ -174,9 +174,26 @@ def missing_measurements(record: dict | None, options: dict) -> dict:
     }
 
 
+def describes(record: dict, model_dir: str | Path) -> bool:
+    """Whether `record` was measured on the checkpoint now in `model_dir`: same tensors
+    (fingerprint), same calibration and healing (a re-made cut of the same shapes is another
+    model)."""
+    model_dir = Path(model_dir)
+    facts = model_facts(model_dir)
+    model = record["model"]
+    return (
+        model.get("fingerprint") == checkpoint_fingerprint(model_dir)
+        and model.get("calibration") == facts["calibration"]
+        and model.get("heal") == facts["heal"]
+    )
+
+
 def merge_results(old: dict, new: dict) -> dict:
     """`old` with the measurements of `new` (the same checkpoint, measured later) added."""
-    if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
+    if (old["model"]["fingerprint"], old["model"]["calibration"]) != (
+        new["model"]["fingerprint"],
+        new["model"]["calibration"],
+    ):
         raise ValueError(
             f"cannot merge results of different checkpoints ({old['model']['path']} and "
             f"{new['model']['path']}: fingerprints differ)"
