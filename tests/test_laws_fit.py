@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dimcut.laws import FitReport, fit_line, load_records
+from dimcut.laws import FitReport, fit_line, fit_records, load_records
 from dimcut.laws.fit import PERPLEXITY
 from dimcut.laws.stats import t_quantile
 from laws_records import fit_of, law_records, record, write
@@ -223,6 +223,10 @@ def test_each_variant_and_text_gets_its_own_fit(tmp_path):
     assert plain.metric(PERPLEXITY, "lambada").line.n == 4  # shares the one dense record
     assert "| m | plain/raw | perplexity on lambada (ppl) | -1.200 |" in report.markdown()
     assert FitReport.from_dict(report.to_dict()) == report
+    only = fit_records(load_records([tmp_path / "runs"]), variants=["plain/raw"])
+    assert [m.variant for m in only.models] == ["plain/raw"]
+    with pytest.raises(ValueError, match="no records of cut variant.*'plain/rms'"):
+        fit_records(load_records([tmp_path / "runs"]), variants=["plain/rms"])
 
 
 def test_records_of_one_model_in_several_files_are_merged(tmp_path):

@@ -144,9 +144,10 @@ def sweep(
                     progress=progress,
                 )
         # A record that lacks only some texts or tasks gets just those added, if it was
-        # measured on this very cut; otherwise the point is measured afresh.
+        # measured on this very cut in this precision; otherwise the point is measured afresh.
         old = read_record(record_path)
-        if old is not None and not describes(old, target):
+        precision = eval_options.get("dtype", "float32")
+        if old is not None and (not describes(old, target) or old.get("dtype") != precision):
             old, lacking = None, missing_measurements(None, eval_options)
         record = evaluate(target, label=label, **{**eval_options, **lacking})
         if old is not None:

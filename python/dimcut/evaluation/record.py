@@ -158,8 +158,8 @@ def missing_measurements(record: dict | None, options: dict) -> dict:
     sources = options.get("ppl") or []
     sources = [sources] if isinstance(sources, str) else list(sources)
     tasks = list(options.get("tasks") or [])
-    if record is None:
-        return {"ppl": sources, "tasks": tasks}
+    if record is None or record.get("dtype") != options.get("dtype", "float32"):
+        return {"ppl": sources, "tasks": tasks}  # a record of another precision is redone
     split = options.get("ppl_split", "test")
     seqlen = options.get("seqlen", 2048)
     measured = set()
@@ -190,13 +190,14 @@ def describes(record: dict, model_dir: str | Path) -> bool:
 
 def merge_results(old: dict, new: dict) -> dict:
     """`old` with the measurements of `new` (the same checkpoint, measured later) added."""
-    if (old["model"]["fingerprint"], old["model"]["calibration"]) != (
+    if (old["model"]["fingerprint"], old["model"]["calibration"], old["dtype"]) != (
         new["model"]["fingerprint"],
         new["model"]["calibration"],
+        new["dtype"],
     ):
         raise ValueError(
-            f"cannot merge results of different checkpoints ({old['model']['path']} and "
-            f"{new['model']['path']}: fingerprints differ)"
+            f"cannot merge results of different checkpoints or precisions "
+            f"({old['model']['path']} and {new['model']['path']})"
         )
     merged = {**old, "versions": new["versions"]}
     if new["perplexities"]:

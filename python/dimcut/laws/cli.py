@@ -80,6 +80,12 @@ def add_commands(subparsers) -> None:
         help="fit only this model label (repeatable; default: every model found)",
     )
     fit.add_argument(
+        "--variant",
+        action="append",
+        metavar="VARIANT",
+        help="fit only this cut variant, e.g. slicegpt or plain/rms (repeatable; default: all)",
+    )
+    fit.add_argument(
         "--holdout",
         metavar="S1,S2,...",
         help="leave the cuts made at these requested sparsities out of the fit, then predict "
@@ -171,7 +177,11 @@ def _run_fit(args: argparse.Namespace) -> int:
     records = load_records(args.runs)
     held_out = _sparsities(args.holdout) if args.holdout else ()
     report = fit_records(
-        records, fixed_intercept=args.fixed_intercept, labels=args.label, held_out=held_out
+        records,
+        fixed_intercept=args.fixed_intercept,
+        labels=args.label,
+        variants=args.variant,
+        held_out=held_out,
     )
     checks = check_holdout(report, records, confidence=args.confidence) if held_out else []
     print(report.table(), end="")

@@ -378,11 +378,22 @@ def fit_records(
     *,
     fixed_intercept: bool = False,
     labels: Iterable[str] | None = None,
+    variants: Iterable[str] | None = None,
     held_out: Iterable[float] = (),
 ) -> FitReport:
     """Fit the laws for every model and cut variant among `records` (or only the models in
-    `labels`), leaving out the cuts at the requested sparsities `held_out`."""
+    `labels` and the variants in `variants`), leaving out the cuts at the requested sparsities
+    `held_out`."""
     groups = group_by_model(records)
+    if variants:
+        found = {variant for _, variant in groups}
+        missing = [variant for variant in variants if variant not in found]
+        if missing:
+            raise ValueError(
+                f"no records of cut variant(s) {', '.join(map(repr, missing))} "
+                f"(found: {', '.join(map(repr, sorted(found)))})"
+            )
+        groups = {key: runs for key, runs in groups.items() if key[1] in variants}
     if labels:
         found = {label for label, _ in groups}
         missing = [label for label in labels if label not in found]

