@@ -334,3 +334,31 @@ def test_weightings_give_different_rotations(llama):
     for w in ("rms", "trace"):
         overlap = np.abs(rotations["raw"][:, :40].T @ rotations[w][:, :40])
         assert np.linalg.svd(overlap, compute_uv=False).min() < 0.999, w
+
+
+def test_bfloat16_blocks_calibrate_nearly_as_float32(trained_llama, tmp_path):
+    """Only f(x) runs in bfloat16 (the residual stream and covariances stay float32/float64):
+    the kept subspaces and the sliced model's perplexity barely move, and the record says so."""
+    from dimcut.evaluation import perplexity
+
+    docs, _ = calibration_documents(None)
+    ppl, retained = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        dimcut.slice_model(trained_llama, 0.25, out, calib_dtype=dtype, **{**CALIB, "nsamples": 16})
+        block = json.loads((out / "config.json").read_text())["dimcut"]["calibration"]
+        assert block.get("block_dtype") == (None if dtype == "float32" else "bfloat16")
+        retained[dtype] = np.array(list(block["retained_variance"].values()))
+        model, tokenizer = dimcut.load(out)
+        ppl[dtype] = perplexity(model, tokenizer, docs[-40:], seqlen=64)["ppl"]
+    assert np.abs(retained["bfloat16"] - retained["float32"]).max() < 2e-3
+    assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.02), ppl
+    assert ppl["bfloat16"] != ppl["float32"]  # it did run in another precision
+
+
+def test_bfloat16_blocks_still_reproduce_dense_logits_at_full_width(llama, tmp_path):
+    dimcut.slice_model(llama, 0.0, tmp_path / "out", calib_dtype="bfloat16", **CALIB)
+    tokens = token_batch(llama)
+    reference = tiny_logits(llama, tokens)
+    error = (tiny_logits(tmp_path / "out", tokens) - reference).abs().max() / reference.abs().max()
+    assert error < 1e-4  # the rotation is orthogonal whatever precision estimated it

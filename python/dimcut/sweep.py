@@ -93,7 +93,9 @@ def sweep(
         print(f"resuming: {len(points) - len(todo)} of {len(points)} points already finished")
     fmt = slice_options.get("fmt", "slicegpt")
     rotations = runs_dir / PLAIN_ROTATIONS
-    calibrate_options = {k: v for k, v in slice_options.items() if k in _CALIBRATE_KEYS}
+    calibrate_options = {
+        _CALIBRATE_KEYS[k]: v for k, v in slice_options.items() if k in _CALIBRATE_KEYS
+    }
     wanted = {
         "source": calibration.text.source_name(slice_options.get("calib")),
         **{k: calibrate_options.get(k, DEFAULT_CALIBRATION[k]) for k in DEFAULT_CALIBRATION},
@@ -101,6 +103,9 @@ def sweep(
             calibrate_options.get("weighting", calibration.DEFAULT_WEIGHTING)
         ).value,
     }
+    dtype = calibration.BlockDtype.parse(calibrate_options.get("dtype", "float32"))
+    # float32 calibration records carry no block_dtype (they predate it): None matches them.
+    wanted["block_dtype"] = None if dtype is calibration.BlockDtype.FLOAT32 else dtype.value
     if fmt == "plain" and any(s > 0 for s, *_ in todo) and not _reusable(rotations, wanted):
         # One calibration serves every sparsity: the plain rotation does not depend on s.
         calibrated = calibration.calibrate(
@@ -163,7 +168,10 @@ def sweep(
     return records
 
 
-_CALIBRATE_KEYS = {"nsamples", "seqlen", "seed", "device", "memory_budget", "weighting"}
+# slice_model keyword -> calibrate keyword, for the plain rotation the sweep calibrates once.
+_CALIBRATE_KEYS = {
+    key: key for key in ("nsamples", "seqlen", "seed", "device", "memory_budget", "weighting")
+} | {"calib_dtype": "dtype"}
 # What a saved plain rotation must have been made with to be reused (slice_model's defaults).
 DEFAULT_CALIBRATION = {"nsamples": 128, "seqlen": 2048, "seed": 42}
 

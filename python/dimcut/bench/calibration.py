@@ -13,7 +13,7 @@ from dimcut.bench.workers import machine, measure, run_worker, set_torch_threads
 from dimcut.runtime import peak_rss_bytes
 
 
-def worker_calibrate(workdir: Path, params: dict) -> dict:
+def _calibrate(params: dict, dtype: str) -> dict:
     from dimcut.calibration import calibrate
 
     calibrated, measured = measure(
@@ -25,11 +25,21 @@ def worker_calibrate(workdir: Path, params: dict) -> dict:
             nsamples=params["nsamples"],
             seqlen=params["seqlen"],
             device="cpu",
+            dtype=dtype,
             progress=False,
         ),
     )
     calibrated.close()
     return measured
+
+
+def worker_calibrate(workdir: Path, params: dict) -> dict:
+    return _calibrate(params, "float32")
+
+
+def worker_calibrate_bf16(workdir: Path, params: dict) -> dict:
+    """Calibration with the decoder blocks in bfloat16 (`--calib-dtype bfloat16`)."""
+    return _calibrate(params, "bfloat16")
 
 
 def worker_forward(workdir: Path, params: dict) -> dict:
@@ -55,7 +65,11 @@ def worker_forward(workdir: Path, params: dict) -> dict:
     return {"seconds": time.perf_counter() - start, "rss_before": rss_before}
 
 
-CONTENDERS = {"calibrate": worker_calibrate, "forward": worker_forward}
+CONTENDERS = {
+    "calibrate": worker_calibrate,
+    "calibrate-bf16": worker_calibrate_bf16,
+    "forward": worker_forward,
+}
 
 
 def run_calibration(args) -> dict:
@@ -98,4 +112,5 @@ def run_calibration(args) -> dict:
         "machine": machine(),
         "contenders": rows,
         "time_ratio": rows["calibrate"]["seconds"] / rows["forward"]["seconds"],
+        "bf16_speedup": rows["calibrate"]["seconds"] / rows["calibrate-bf16"]["seconds"],
     }

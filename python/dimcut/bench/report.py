@@ -53,6 +53,7 @@ def format_table(report: dict) -> str:
         lines += slicing_notes(report)
     else:
         lines.append(f"\ncalibrate/forward time ratio {report['time_ratio']:.2f}")
+        lines.append(f"calibrate float32/bfloat16 time ratio {report['bf16_speedup']:.2f}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ blocks) → `activations` (where the signals live between layers) → `pca` (cov
 (per-layer checkpoints) → `procedures` (the slicegpt and plain procedures).
 """
 
+from dimcut.calibration.layers import BlockDtype
 from dimcut.calibration.pca import Weighting
 from dimcut.calibration.procedures import (
     DEFAULT_WEIGHTING,
@@ -33,6 +34,7 @@ __all__ = [
     "BUILTIN_SOURCE",
     "DEFAULT_WEIGHTING",
     "STATE_FILE",
+    "BlockDtype",
     "Calibrated",
     "RotationStore",
     "Timings",

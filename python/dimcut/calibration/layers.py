@@ -18,6 +18,22 @@ import torch
 from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, Architecture
 from dimcut.engine import TensorOp, rewrite_tensors
+from dimcut.runtime import Choice
+
+
+@enum.unique
+class BlockDtype(Choice):
+    """What the decoder blocks compute in during calibration. The residual stream, the
+    activations between layers and the covariances stay float32/float64 either way: only each
+    block's f(x) is computed in this precision (SliceGPT's reference calibrates in float16).
+    bfloat16 runs ≈ 3× faster on CPUs with AVX-512 BF16, and on GPUs."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.value)
 
 
 class Block(str, enum.Enum):
@@ -48,7 +64,13 @@ class LayerRunner:
     """Builds one stock decoder layer of the family at a time and runs its halves on a device."""
 
     def __init__(
-        self, model_dir: Path, arch: Architecture, device: torch.device, seqlen: int, budget: int
+        self,
+        model_dir: Path,
+        arch: Architecture,
+        device: torch.device,
+        seqlen: int,
+        budget: int,
+        dtype: BlockDtype = BlockDtype.FLOAT32,
     ):
         import transformers
         from transformers import AutoConfig
@@ -58,6 +80,7 @@ class LayerRunner:
         self.arch = arch
         self.device = device
         self.engine_budget = budget
+        self.dtype = dtype.torch
         self.config = AutoConfig.for_model(**arch.config)
         self.config._attn_implementation = "sdpa"
         base_class = getattr(transformers, MODEL_MAPPING_NAMES[arch.model_type])
@@ -66,7 +89,7 @@ class LayerRunner:
         self.layer_class = type(skeleton.layers[0])
         rotary = type(skeleton.rotary_emb)(config=self.config).to(device)
         positions = torch.arange(seqlen, device=device)[None]
-        probe = torch.zeros(1, seqlen, 1, device=device)
+        probe = torch.zeros(1, seqlen, 1, device=device, dtype=self.dtype)
         self.position_embeddings = rotary(probe, positions)
 
     def read(self, names: list[str]) -> dict[str, np.ndarray]:
@@ -87,7 +110,7 @@ class LayerRunner:
             layer = self.layer_class(self.config, index)
         prefix = f"model.layers.{index}."
         state = {
-            name.removeprefix(prefix): torch.from_numpy(values).to(self.device)
+            name.removeprefix(prefix): torch.from_numpy(values).to(self.device, self.dtype)
             for name, values in self.read(block_tensors(self.arch, index, block, tensors)).items()
         }
         # assign=True makes the parameters these tensors (no second copy of the weights).
@@ -97,9 +120,11 @@ class LayerRunner:
         return layer.eval()
 
     def run(self, layer: torch.nn.Module, block: Block, x: torch.Tensor) -> torch.Tensor:
-        """The block's residual branch f(x) (x: [sequences, seqlen, D], or tokens for the MLP)."""
+        """The block's residual branch f(x) (x: [sequences, seqlen, D], or tokens for the MLP),
+        computed in the runner's dtype and returned in float32."""
+        x = x.to(self.dtype)
         if block is Block.MLP:
-            return layer.mlp(layer.post_attention_layernorm(x))
+            return layer.mlp(layer.post_attention_layernorm(x)).float()
         cos, sin = self.position_embeddings
         batch = x.shape[0]
         out, _ = layer.self_attn(
@@ -107,7 +132,7 @@ class LayerRunner:
             position_embeddings=(cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)),
             attention_mask=None,  # full-length sequences: SDPA applies the causal mask
         )
-        return out
+        return out.float()
 
 
 def embed(model_dir: Path, tokens: torch.Tensor, tensors: dict) -> torch.Tensor:

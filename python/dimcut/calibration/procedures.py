@@ -29,7 +29,7 @@ from dimcut.calibration.activations import (
     ActivationStore,
     remove_dead_temporaries,
 )
-from dimcut.calibration.layers import Block, LayerRunner, embed
+from dimcut.calibration.layers import Block, BlockDtype, LayerRunner, embed
 from dimcut.calibration.pca import Covariance, Weighting
 from dimcut.calibration.resume import ResumeState
 from dimcut.calibration.rotations import (
@@ -165,6 +165,7 @@ def calibrate(
     seed: int = 42,
     device: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: BlockDtype | str = BlockDtype.FLOAT32,
     progress: bool = True,
     resume_dir: str | Path | None = None,
     rotations_dir: str | Path | None = None,
@@ -194,7 +195,9 @@ def calibrate(
     with _open_stream(
         model_dir,
         arch,
-        _Settings(source, nsamples, seqlen, seed, device, memory_budget, progress),
+        _Settings(
+            source, nsamples, seqlen, seed, device, memory_budget, BlockDtype.parse(dtype), progress
+        ),
         resume_dir,
         identity,
     ) as (stream, record, stores):
@@ -232,6 +235,7 @@ def streamed_forward(
     seed: int = 42,
     device: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: BlockDtype | str = BlockDtype.FLOAT32,
     progress: bool = True,
 ) -> Timings:
     """A dense forward of the calibration tokens streamed exactly as calibration streams them,
@@ -241,7 +245,9 @@ def streamed_forward(
     with _open_stream(
         model_dir,
         arch,
-        _Settings(source, nsamples, seqlen, seed, device, memory_budget, progress),
+        _Settings(
+            source, nsamples, seqlen, seed, device, memory_budget, BlockDtype.parse(dtype), progress
+        ),
         None,
         {"format": "forward"},
     ) as (stream, _record, stores):
@@ -262,6 +268,7 @@ class _Settings:
     seed: int
     device: str
     memory_budget: int
+    dtype: BlockDtype
     progress: bool
 
 
@@ -283,6 +290,8 @@ def _open_stream(
         settings.source, tokenizer, settings.nsamples, seqlen, settings.seed
     )
     timings.tokens = tokens.numel()
+    if settings.dtype is not BlockDtype.FLOAT32:  # float32 records stay as they always were
+        identity = {**identity, "block_dtype": settings.dtype.value}
     record = {
         **record,
         **identity,
@@ -293,7 +302,12 @@ def _open_stream(
     resume = ResumeState(Path(resume_dir), dict(record)) if resume_dir is not None else None
     done = resume.layers_done if resume else 0
     runner = LayerRunner(
-        model_dir, arch, torch_device(settings.device), seqlen, engine_budget(memory_budget)
+        model_dir,
+        arch,
+        torch_device(settings.device),
+        seqlen,
+        engine_budget(memory_budget),
+        settings.dtype,
     )
     bar = tqdm(
         total=arch.num_layers,
@@ -412,6 +426,7 @@ def signal_spectra(
     seed: int = 42,
     device: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: BlockDtype | str = BlockDtype.FLOAT32,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """The eigenvalues (descending) of every residual signal's covariance in the dense model,
@@ -421,7 +436,9 @@ def signal_spectra(
     middle layers to 112 of 576 and was 1.5× worse than uniform)."""
     model_dir = Path(model_dir)
     arch = load_architecture(model_dir)
-    settings = _Settings(source, nsamples, seqlen, seed, device, memory_budget, progress)
+    settings = _Settings(
+        source, nsamples, seqlen, seed, device, memory_budget, BlockDtype.parse(dtype), progress
+    )
     spectra = {}
     with _open_stream(model_dir, arch, settings, None, {"format": "spectra"}) as opened:
         stream, _record, stores = opened
