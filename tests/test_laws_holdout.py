@@ -30,6 +30,7 @@ def test_held_out_cuts_are_left_out_and_predicted(tmp_path):
     ]
     for check in checks:  # the points follow the law: inside their intervals
         assert check.inside
+        assert check.measured_y == pytest.approx(check.prediction.y, abs=0.05)  # extrapolated 2×
         assert check.prediction.extrapolated
         if check.prediction.metric != PERPLEXITY:  # PPL = PPL0^(1/y) magnifies errors in y
             assert abs(check.relative_error) < 0.03

@@ -24,6 +24,7 @@ class HoldoutCheck:
 
     prediction: Prediction
     measured: float
+    measured_y: float  # the measurement on the law's axis (ln PPL0/ln PPL, or ln(acc/acc0))
     record: str  # the record(s) it was measured in
 
     @property
@@ -40,6 +41,7 @@ class HoldoutCheck:
         return {
             **self.prediction.to_dict(),
             "measured": self.measured,
+            "measured_y": self.measured_y,
             "inside_interval": self.inside,
             "relative_error": self.relative_error if math.isfinite(self.relative_error) else None,
             "record": self.record,
@@ -69,7 +71,8 @@ def check_holdout(
                 if found is None:
                     continue
                 prediction = _predicted(model, fit, record.effective_sparsity, confidence)
-                checks.append(HoldoutCheck(prediction, found[1], record.path))
+                measured_y = fit.law.to_y(found[1], fit.baseline)
+                checks.append(HoldoutCheck(prediction, found[1], measured_y, record.path))
     if not checks:
         held = ", ".join(f"{s:g}" for s in report.held_out)
         raise ValueError(
@@ -110,6 +113,8 @@ _HEADER = [
     "interval",
     "inside",
     "error",
+    "y measured",
+    "y predicted",
 ]
 
 
@@ -131,6 +136,8 @@ def _rows(checks: list[HoldoutCheck]) -> list[list[str]]:
                 f"[{number(p.interval[0])}, {number(p.interval[1])}]",
                 "yes" if check.inside else "no",
                 f"{check.relative_error:+.1%}" if math.isfinite(check.relative_error) else "∞",
+                f"{check.measured_y:.3f}",
+                f"{p.y:.3f}",
             ]
         )
     return rows
