@@ -29,13 +29,15 @@ sweeps() {
     dimcut sweep $SMOL --sparsities 0.1,0.2,0.3,0.4 -o $R/smollm2-slicegpt-healed50 --format slicegpt --heal-steps 50 --heal-data wiki-offline $CALIB $TEXTS --tasks none
 }
 
+existing() { for d in "$@"; do [ -d "$d" ] && echo "$d"; done; }  # the sweeps run so far
+
 fits() {
     mkdir -p $OUT
     # 1–4: every model, variant and text side by side.
-    dimcut fit $R/qwen1.5b-slicegpt $R/smollm2-* -o $OUT/fit.json --markdown $OUT/fit.md --plot $OUT/laws.png
+    dimcut fit $(existing $R/qwen1.5b-slicegpt $R/smollm2-*) -o $OUT/fit.json --markdown $OUT/fit.md --plot $OUT/laws.png
     # 5: fitted on the small sparsities only, predicting the large ones.
-    dimcut fit $R/qwen1.5b-slicegpt $R/smollm2-slicegpt $R/smollm2-slicegpt-variance --holdout 0.25,0.3,0.4 -o $OUT/holdout.json --markdown $OUT/holdout.md
-    dimcut fit $R/smollm2-plain-rms $R/smollm2-plain-raw --holdout 0.375,0.5 -o $OUT/holdout-plain.json --markdown $OUT/holdout-plain.md
+    dimcut fit $(existing $R/qwen1.5b-slicegpt $R/smollm2-slicegpt $R/smollm2-slicegpt-variance) --holdout 0.25,0.3,0.4 -o $OUT/holdout.json --markdown $OUT/holdout.md
+    dimcut fit $(existing $R/smollm2-plain-rms $R/smollm2-plain-raw) --holdout 0.375,0.5 -o $OUT/holdout-plain.json --markdown $OUT/holdout-plain.md
 }
 
 "${1:?usage: laws_study.sh sweeps|fits}"

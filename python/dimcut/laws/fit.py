@@ -373,6 +373,20 @@ class FitReport:
         return "\n".join(lines) + "\n"
 
 
+def _only(groups: dict, part: int, wanted: Iterable[str] | None, what: str) -> dict:
+    """The groups whose key's `part` (0: label, 1: variant) is wanted; all without a wish."""
+    if not wanted:
+        return groups
+    found = {key[part] for key in groups}
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise ValueError(
+            f"no records {what} {', '.join(map(repr, missing))} "
+            f"(found: {', '.join(map(repr, sorted(found)))})"
+        )
+    return {key: runs for key, runs in groups.items() if key[part] in wanted}
+
+
 def fit_records(
     records: Iterable[Record],
     *,
@@ -385,24 +399,8 @@ def fit_records(
     `labels` and the variants in `variants`), leaving out the cuts at the requested sparsities
     `held_out`."""
     groups = group_by_model(records)
-    if variants:
-        found = {variant for _, variant in groups}
-        missing = [variant for variant in variants if variant not in found]
-        if missing:
-            raise ValueError(
-                f"no records of cut variant(s) {', '.join(map(repr, missing))} "
-                f"(found: {', '.join(map(repr, sorted(found)))})"
-            )
-        groups = {key: runs for key, runs in groups.items() if key[1] in variants}
-    if labels:
-        found = {label for label, _ in groups}
-        missing = [label for label in labels if label not in found]
-        if missing:
-            raise ValueError(
-                f"no records for model(s) {', '.join(map(repr, missing))} "
-                f"(found: {', '.join(map(repr, sorted(found)))})"
-            )
-        groups = {key: runs for key, runs in groups.items() if key[0] in labels}
+    groups = _only(groups, 0, labels, "for model(s)")
+    groups = _only(groups, 1, variants, "of cut variant(s)")
     held_out = tuple(sorted(set(held_out)))
     models = tuple(
         fit_model(runs, fixed_intercept=fixed_intercept, exclude=held_out)
