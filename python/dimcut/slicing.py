@@ -550,8 +550,9 @@ def add_cut_arguments(parser, *, seqlen_alias: bool) -> None:
         choices=calibration.BlockDtype.values(),
         default=calibration.BlockDtype.FLOAT32.value,
         help="what the decoder blocks compute in during calibration; the residual stream and "
-        "covariances stay float32/float64 (default float32; bfloat16 is ≈ 3× faster on CPUs with "
-        "AVX-512 BF16 and on GPUs, as SliceGPT's reference calibrates in float16)",
+        "covariances stay float32/float64 (default float32; bfloat16 calibrated Qwen-1.5B 1.6× "
+        "faster on an AVX-512 BF16 CPU, +2.8 %% in-domain perplexity; SliceGPT's reference "
+        "calibrates in float16)",
     )
     # 0.1 spelled it --seqlen in `slice`; `sweep --seqlen` was the perplexity window.
     legacy = ("--seqlen",) if seqlen_alias else ()

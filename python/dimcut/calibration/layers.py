@@ -26,7 +26,7 @@ class BlockDtype(Choice):
     """What the decoder blocks compute in during calibration. The residual stream, the
     activations between layers and the covariances stay float32/float64 either way: only each
     block's f(x) is computed in this precision (SliceGPT's reference calibrates in float16).
-    bfloat16 runs ≈ 3× faster on CPUs with AVX-512 BF16, and on GPUs."""
+    On a CPU with AVX-512 BF16, bfloat16 calibrated Qwen-1.5B 1.6× faster (README)."""
 
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"

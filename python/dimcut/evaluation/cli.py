@@ -99,8 +99,8 @@ def add_evaluation_arguments(parser) -> None:
         "--dtype",
         choices=DTYPES,
         default="float32",
-        help="weights and activations of the evaluated model (default float32; on CPUs with "
-        "AVX-512 BF16 bfloat16 runs ≈ 3× faster, perplexity within ≈ 0.1 %%)",
+        help="weights and activations of the evaluated model (default float32; on a CPU with "
+        "AVX-512 BF16, bfloat16 evaluated Qwen-1.5B ≈ 1.6× faster, perplexity +0.1 %%)",
     )
 
 
