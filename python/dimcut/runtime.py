@@ -16,6 +16,18 @@ from typing import BinaryIO
 
 GIB = 2**30
 
+
+def parse_sparsities(text: str, option: str = "--sparsities") -> list[float]:
+    """A comma-separated list of sparsities in (0, 1), sorted, each once; errors name `option`."""
+    try:
+        values = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise ValueError(f"{option} must lie in (0, 1); got {text!r}")
+    return values
+
+
 # One user-facing memory setting (`--memory-budget`) reaches every stage: calibration keeps its
 # activations in RAM up to half of it (then spills to disk), the engine's tiles get a quarter.
 DEFAULT_MEMORY_BUDGET = 2 * GIB

@@ -29,7 +29,7 @@ from dimcut.evaluation import (
     write_results,
 )
 from dimcut.healing import HealOptions, Loss, heal
-from dimcut.runtime import Device
+from dimcut.runtime import Device, parse_sparsities
 from dimcut.slicing import add_cut_arguments, cut_options, slice_model
 from dimcut.zoo import MODEL_HELP, resolve_model
 
@@ -48,17 +48,6 @@ def read_record(record_path: Path) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return record if record.get("schema") == SCHEMA else None
-
-
-def parse_sparsities(text: str) -> list[float]:
-    try:
-        values = sorted({float(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise ValueError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
-    bad = [v for v in values if not 0 < v < 1]
-    if not values or bad:
-        raise ValueError(f"--sparsities must lie in (0, 1); got {text!r}")
-    return values
 
 
 def sweep(
@@ -84,11 +73,12 @@ def sweep(
     runs_dir.mkdir(parents=True, exist_ok=True)
     points = [0.0, *sparsities]
     records = [runs_dir / f"{point_name(s)}.json" for s in points]
-    todo = []  # (sparsity, record path, what its record lacks)
+    todo = []  # (sparsity, record path, its record so far, what that lacks)
     for sparsity, record_path in zip(points, records, strict=True):
-        lacking = missing_measurements(read_record(record_path), eval_options)
+        old = read_record(record_path)
+        lacking = missing_measurements(old, eval_options)
         if any(lacking.values()):
-            todo.append((sparsity, record_path, lacking))
+            todo.append((sparsity, record_path, old, lacking))
     if len(todo) < len(points) and progress:
         print(f"resuming: {len(points) - len(todo)} of {len(points)} points already finished")
     fmt = slice_options.get("fmt", "slicegpt")
@@ -122,7 +112,7 @@ def sweep(
         finally:
             calibrated.close()
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
-    for sparsity, record_path, lacking in bar:
+    for sparsity, record_path, old, lacking in bar:
         bar.set_postfix_str(point_name(sparsity))
         started = time.perf_counter()
         target = model_dir
@@ -150,9 +140,8 @@ def sweep(
                 )
         # A record that lacks only some texts or tasks gets just those added, if it was
         # measured on this very cut in this precision; otherwise the point is measured afresh.
-        old = read_record(record_path)
         precision = eval_options.get("dtype", "float32")
-        if old is not None and (not describes(old, target) or old.get("dtype") != precision):
+        if old is not None and not describes(old, target, precision):
             old, lacking = None, missing_measurements(None, eval_options)
         record = evaluate(target, label=label, **{**eval_options, **lacking})
         if old is not None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from dimcut.bench.report import cell, markdown
 from dimcut.bench.workers import machine, run_worker, set_torch_threads
 from dimcut.plan import Format
-from dimcut.runtime import peak_rss_bytes
+from dimcut.runtime import parse_sparsities, peak_rss_bytes
 from dimcut.tokenizers import missing_tokenizer_files
 from dimcut.zoo import resolve_model
 
@@ -101,16 +101,6 @@ def contenders_from_models(value: str) -> list[Contender]:
         describe_checkpoint(name, checkpoint_dir(directory, f"--models {name}="))
         for name, directory in parse_models(value)
     ]
-
-
-def parse_sparsities(value: str) -> list[float]:
-    try:
-        sparsities = [float(part) for part in value.split(",") if part]
-    except ValueError:
-        raise ValueError(f"--sparsities: expected numbers like 0.25 or 0.1,0.25, got {value!r}")
-    if not sparsities or not all(0 < s < 1 for s in sparsities):
-        raise ValueError(f"--sparsities: every sparsity must lie in (0, 1), got {value!r}")
-    return sparsities
 
 
 def parse_formats(value: str) -> list[Format]:

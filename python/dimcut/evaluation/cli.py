@@ -104,28 +104,21 @@ def add_evaluation_arguments(parser) -> None:
     )
 
 
-def task_names(text: str) -> list[str]:
-    """The --tasks value as a list ('none' for no tasks)."""
+def comma_list(text: str) -> list[str]:
+    """A --tasks or --ppl value as a list ('none' for an empty one)."""
     if text.strip() == "none":
         return []
-    return [task.strip() for task in text.split(",") if task.strip()]
-
-
-def ppl_sources(text: str) -> list[str]:
-    """The --ppl value as a list of text sources ('none' for no perplexity)."""
-    if text.strip() == "none":
-        return []
-    return [source.strip() for source in text.split(",") if source.strip()]
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def evaluation_options(args) -> dict:
     """`evaluate` keyword arguments from the options of `add_evaluation_arguments`."""
     return {
-        "ppl": ppl_sources(args.ppl),
+        "ppl": comma_list(args.ppl),
         "ppl_split": args.ppl_split,
         "seqlen": args.ppl_seqlen,
         "ppl_windows": args.ppl_windows,
-        "tasks": task_names(args.tasks),
+        "tasks": comma_list(args.tasks),
         "task_data": args.task_data,
         "limit": args.limit,
         "batch_size": args.batch_size,
@@ -202,7 +195,7 @@ def _write_tasks(args) -> int:
     from dimcut.plan import Format
     from dimcut.zoo import resolve_model
 
-    tasks = task_names(args.tasks)
+    tasks = comma_list(args.tasks)
     if not tasks:
         raise ValueError("--write-tasks: --tasks names no task")
     if str(args.task_data) == HUB_TASK_DATA:

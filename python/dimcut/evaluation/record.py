@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 from dimcut.runtime import atomic_write_text
@@ -150,13 +151,17 @@ def format_summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def text_sources(ppl: str | Sequence[str] | None) -> list[str]:
+    """`evaluate`'s `ppl`: one text source, several, or none, as a list."""
+    return [ppl] if isinstance(ppl, str) else list(ppl or ())
+
+
 def missing_measurements(record: dict | None, options: dict) -> dict:
     """What of `evaluate(**options)`'s perplexity texts and tasks `record` lacks, as the
     `ppl`/`tasks` options that would measure only that (everything when there is no record)."""
     from dimcut import data_sources
 
-    sources = options.get("ppl") or []
-    sources = [sources] if isinstance(sources, str) else list(sources)
+    sources = text_sources(options.get("ppl"))
     tasks = list(options.get("tasks") or [])
     if record is None or record.get("dtype") != options.get("dtype", "float32"):
         return {"ppl": sources, "tasks": tasks}  # a record of another precision is redone
@@ -174,27 +179,25 @@ def missing_measurements(record: dict | None, options: dict) -> dict:
     }
 
 
-def describes(record: dict, model_dir: str | Path) -> bool:
-    """Whether `record` was measured on the checkpoint now in `model_dir`: same tensors
-    (fingerprint), same calibration and healing (a re-made cut of the same shapes is another
-    model)."""
+def _measured_on(record: dict) -> tuple:
+    """What a record's numbers depend on besides the texts and tasks: the tensors
+    (fingerprint), the calibration and healing (a re-made cut of the same shapes is another
+    model), and the precision."""
+    model = record["model"]
+    return (model.get("fingerprint"), model.get("calibration"), model.get("heal"), record["dtype"])
+
+
+def describes(record: dict, model_dir: str | Path, dtype: str) -> bool:
+    """Whether `record` was measured on the checkpoint now in `model_dir`, in `dtype`."""
     model_dir = Path(model_dir)
     facts = model_facts(model_dir)
-    model = record["model"]
-    return (
-        model.get("fingerprint") == checkpoint_fingerprint(model_dir)
-        and model.get("calibration") == facts["calibration"]
-        and model.get("heal") == facts["heal"]
-    )
+    now = (checkpoint_fingerprint(model_dir), facts["calibration"], facts["heal"], dtype)
+    return _measured_on(record) == now
 
 
 def merge_results(old: dict, new: dict) -> dict:
     """`old` with the measurements of `new` (the same checkpoint, measured later) added."""
-    if (old["model"]["fingerprint"], old["model"]["calibration"], old["dtype"]) != (
-        new["model"]["fingerprint"],
-        new["model"]["calibration"],
-        new["dtype"],
-    ):
+    if _measured_on(old) != _measured_on(new):
         raise ValueError(
             f"cannot merge results of different checkpoints or precisions "
             f"({old['model']['path']} and {new['model']['path']})"

@@ -20,6 +20,7 @@ from dimcut.evaluation.record import (
     count_parameters,
     model_facts,
     overlaps_calibration,
+    text_sources,
     versions,
 )
 from dimcut.evaluation.tasks import DEFAULT_TASKS, TaskRun, prepare_tasks
@@ -68,7 +69,7 @@ def evaluate(
     device = str(torch_device(device))
     facts = model_facts(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    sources = [ppl] if isinstance(ppl, str) else list(ppl or ())
+    sources = text_sources(ppl)
     keys = [data_sources.source_key(source, ppl_split) for source in sources]
     if len(set(keys)) < len(keys):
         raise ValueError(f"ppl names one text twice: {', '.join(sources)}")

@@ -27,7 +27,7 @@ from dimcut.laws.predict import (
     predict,
 )
 from dimcut.laws.records import load_records
-from dimcut.runtime import atomic_write_text
+from dimcut.runtime import atomic_write_text, parse_sparsities
 
 
 def add_commands(subparsers) -> None:
@@ -175,7 +175,7 @@ def add_commands(subparsers) -> None:
 
 def _run_fit(args: argparse.Namespace) -> int:
     records = load_records(args.runs)
-    held_out = _sparsities(args.holdout) if args.holdout else ()
+    held_out = parse_sparsities(args.holdout, "--holdout sparsities") if args.holdout else ()
     report = fit_records(
         records,
         fixed_intercept=args.fixed_intercept,
@@ -189,10 +189,7 @@ def _run_fit(args: argparse.Namespace) -> int:
         print(f"\nHeld out of the fit (requested s = {args.holdout}), predicted:\n")
         print(holdout_table(checks), end="")
     if args.output:
-        document = report.to_dict()
-        if checks:
-            document["holdout"] = [check.to_dict() for check in checks]
-        atomic_write_text(args.output, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        report.save(args.output, {"holdout": [c.to_dict() for c in checks]} if checks else None)
         print(f"wrote {args.output}")
     if args.markdown:
         text = report.markdown()
@@ -205,16 +202,6 @@ def _run_fit(args: argparse.Namespace) -> int:
         for written in plot_fits(report, args.plot):
             print(f"wrote {written}")
     return 0
-
-
-def _sparsities(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"--holdout wants comma-separated sparsities, got {text!r}") from None
-    if not values or not all(0 < v < 1 for v in values):
-        raise ValueError(f"--holdout sparsities must lie in (0, 1), got {text!r}")
-    return values
 
 
 def _run_predict(args: argparse.Namespace) -> int:

@@ -302,8 +302,9 @@ class FitReport:
             tuple(data.get("held_out", ())),
         )
 
-    def save(self, path: str | Path) -> None:
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write fit.json atomically; `extra` adds top-level sections (e.g. `holdout`)."""
+        text = json.dumps({**self.to_dict(), **(extra or {})}, indent=2, ensure_ascii=False) + "\n"
         atomic_write_text(path, text)
 
     @classmethod

@@ -70,7 +70,14 @@ def check_holdout(
                 found = measurement(record, fit.metric, fit.text)
                 if found is None:
                     continue
-                prediction = _predicted(model, fit, record.effective_sparsity, confidence)
+                prediction = predict_metric(
+                    model,
+                    fit,
+                    record.effective_sparsity,
+                    confidence=confidence,
+                    allow_extrapolation=True,  # held-out points lie beyond the fit by design
+                    allow_unbounded=True,
+                )
                 measured_y = fit.law.to_y(found[1], fit.baseline)
                 checks.append(HoldoutCheck(prediction, found[1], measured_y, record.path))
     if not checks:
@@ -80,27 +87,6 @@ def check_holdout(
             "sweep those points too"
         )
     return checks
-
-
-def _predicted(model, fit, sparsity: float, confidence: float) -> Prediction:
-    try:
-        return predict_metric(model, fit, sparsity, confidence=confidence, allow_extrapolation=True)
-    except ValueError:  # the perplexity law has run out (a·s + b ≤ 0): unbounded
-        return Prediction(
-            label=model.label,
-            metric=fit.metric,
-            measure=fit.measure,
-            sparsity=sparsity,
-            value=math.inf,
-            interval=(math.inf, math.inf),
-            confidence=confidence,
-            y=fit.line.a * sparsity + fit.line.b,
-            y_interval=(math.nan, math.nan),
-            hidden_size=None,
-            extrapolated=sparsity > fit.line.s_max,
-            text=fit.text,
-            variant=model.variant,
-        )
 
 
 _HEADER = [

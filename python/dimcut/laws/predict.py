@@ -190,13 +190,16 @@ def predict_metric(
     *,
     confidence: float,
     allow_extrapolation: bool,
+    allow_unbounded: bool = False,
 ) -> Prediction:
-    """One metric of `model` (its fit `fit`) predicted at `sparsity`, without a width."""
+    """One metric of `model` (its fit `fit`) predicted at `sparsity`, without a width. Where
+    the perplexity law has run out (a·s + b ≤ 0) that is an error, or with `allow_unbounded`
+    an infinite prediction."""
     extrapolated = _check_range(fit.line, sparsity, allow_extrapolation)
     y, y_low, y_high = fit.line.prediction_interval(sparsity, confidence)
     law = fit.law
     if fit.metric == PERPLEXITY:
-        if y <= 0:
+        if y <= 0 and not allow_unbounded:
             raise ValueError(
                 f"model {model.name!r}: a·s + b = {y:.3g} ≤ 0 at s = {sparsity}; the perplexity law "
                 "predicts an unbounded perplexity there"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dimcut.evaluation import SCHEMA as RESULTS_SCHEMA
@@ -103,34 +103,26 @@ class Record:
         """One record with the measurements of both (the same model, measured in several runs:
         e.g. one file per text); a measurement both hold must agree."""
 
-        def clash(name: str, mine: tuple, theirs: tuple, value: int) -> None:
-            setup = 1 - value
-            if mine[setup] != theirs[setup] or not math.isclose(
-                mine[value], theirs[value], rel_tol=1e-6
-            ):
-                raise ValueError(
-                    f"{self.path} and {other.path} are the same model ({self.label!r}, "
-                    f"{self.variant}, s = {self.effective_sparsity:.4g}) but disagree on "
-                    f"{name}: {mine} vs {theirs}"
-                )
+        def disagree(name: str, mine: tuple, theirs: tuple) -> None:
+            raise ValueError(
+                f"{self.path} and {other.path} are the same model ({self.label!r}, "
+                f"{self.variant}, s = {self.effective_sparsity:.4g}) but disagree on "
+                f"{name}: {mine} vs {theirs}"
+            )
 
-        for text, theirs in other.perplexities.items():  # (PPL, seqlen)
-            if text in self.perplexities:
-                clash(f"perplexity on {text}", self.perplexities[text], theirs, value=0)
-        for task, theirs in other.tasks.items():  # (metric, value)
-            if task in self.tasks:
-                clash(f"task {task}", self.tasks[task], theirs, value=1)
-        return Record(
+        for text, (ppl, seqlen) in other.perplexities.items():
+            mine = self.perplexities.get(text)
+            if mine and (mine[1] != seqlen or not math.isclose(mine[0], ppl, rel_tol=1e-6)):
+                disagree(f"perplexity on {text}", mine, (ppl, seqlen))
+        for task, (metric, value) in other.tasks.items():
+            mine = self.tasks.get(task)
+            if mine and (mine[0] != metric or not math.isclose(mine[1], value, rel_tol=1e-6)):
+                disagree(f"task {task}", mine, (metric, value))
+        return replace(
+            self,
             path=f"{self.path} + {other.path}",
-            label=self.label,
-            fingerprint=self.fingerprint,
-            variant=self.variant,
-            sparsity=self.sparsity,
-            effective_sparsity=self.effective_sparsity,
-            original_hidden_size=self.original_hidden_size,
             perplexities={**self.perplexities, **other.perplexities},
             tasks={**self.tasks, **other.tasks},
-            calibration=self.calibration,
         )
 
     @property
@@ -273,8 +265,10 @@ def _dense_baseline(label: str, records: list[Record]) -> Record:
 
 
 def _model_runs(label: str, variant: str, baseline: Record, sliced: list[Record]) -> ModelRuns:
-    name = f"model {label!r} [{variant}]"
-    sliced.sort(key=lambda r: r.effective_sparsity)
+    runs = ModelRuns(
+        label, variant, baseline, tuple(sorted(sliced, key=lambda r: r.effective_sparsity))
+    )
+    name = f"model {runs.name!r}"
     D = baseline.original_hidden_size
     for record in sliced:
         if D and record.original_hidden_size and record.original_hidden_size != D:
@@ -282,7 +276,7 @@ def _model_runs(label: str, variant: str, baseline: Record, sliced: list[Record]
                 f"{name}: {record.path} was sliced from a model with D = "
                 f"{record.original_hidden_size}, but the dense baseline {baseline.path} has D = {D}"
             )
-    records = [baseline, *sliced]
+    records = [baseline, *runs.sliced]
     for text in {t for r in records for t in r.perplexities}:
         seqlens = {r.perplexities[text][1] for r in records if text in r.perplexities}
         if len(seqlens) > 1:
@@ -296,4 +290,4 @@ def _model_runs(label: str, variant: str, baseline: Record, sliced: list[Record]
             raise ValueError(
                 f"{name}: task {task!r} has different headline metrics {sorted(measures)}"
             )
-    return ModelRuns(label, variant, baseline, tuple(sliced))
+    return runs
