@@ -368,6 +368,100 @@ open({str(tmp_path / "remote.json")!r}, "w").write(json.dumps(results))
         assert ours[task]["n"] == dense[task]["n"] == LIMIT
 
 
+# ------------------------------------------------------------- the shared-prefix scorer
+
+
+def scoring_requests(model, seed: int = 0) -> list:
+    """Requests shaped like every task's: questions with several choices (ARC, HellaSwag, PIQA),
+    contexts differing in one token before one continuation (WinoGrande), one-token and
+    duplicate requests, inputs that are a prefix of another's, and greedy continuations (the
+    model's own argmax, so is-greedy is true for some)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def draw(n):
+        return [rng.randrange(2, 300) for _ in range(n)]
+
+    requests = []
+    for _ in range(5):
+        context = draw(rng.randrange(3, 20))
+        requests += [(None, context, draw(rng.randrange(1, 6))) for _ in range(4)]
+    sentence = draw(10)
+    requests += [(None, sentence + [option], [7, 8, 9]) for option in (11, 12)]
+    requests += [(None, [5, 6], [7]), (None, [5, 6], [7]), (None, [5, 6, 7], [8, 9])]
+    for _ in range(3):
+        context, greedy = draw(6), []
+        with torch.no_grad():
+            for _ in range(3):
+                logits = model(torch.tensor([context + greedy])).logits[0, -1]
+                greedy.append(int(logits.argmax()))
+        requests += [(None, context, greedy), (None, context, greedy[:1] + draw(2))]
+    return requests
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "mistral", "slicegpt"])
+def test_shared_prefix_scores_equal_lm_eval(family, tiny_llama_dir, tmp_path):
+    """The oracle: every request's log-likelihood and is-greedy flag as lm-eval's HF model
+    computes them, one (context, continuation) sequence at a time."""
+    from lm_eval.models.huggingface import HFLM
+
+    import dimcut
+    from dimcut.evaluation.shared_prefix import SharedPrefixLM
+    from tiny_models import save_tiny_model
+
+    if family == "slicegpt":  # shortcuts and sliced widths
+        model_dir = tmp_path / "sliced"
+        dimcut.slice_model(tiny_llama_dir, 0.25, model_dir, nsamples=4, seqlen=32, progress=False)
+    else:
+        model_dir = save_tiny_model(family, tmp_path / family)
+    model, tokenizer = dimcut.load(model_dir)
+    requests = scoring_requests(model)
+    scored = {}
+    for name, lm_class in (("lm-eval", HFLM), ("shared", SharedPrefixLM)):
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=3, backend="causal")
+        scored[name] = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    reference = torch.tensor([logprob for logprob, _ in scored["lm-eval"]])
+    ours = torch.tensor([logprob for logprob, _ in scored["shared"]])
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
+    assert [g for _, g in scored["shared"]] == [g for _, g in scored["lm-eval"]]
+    assert sum(g for _, g in scored["shared"]) >= 3  # the greedy continuations
+
+
+def test_each_question_context_runs_once():
+    from dimcut.evaluation.shared_prefix import Request, group_requests, pack
+
+    def request(context, continuation):
+        sequence = context + continuation
+        return Request(tuple(sequence[:-1]), len(context), tuple(continuation))
+
+    questions = [[10 + q] * 8 for q in range(3)]
+    choices = [[100 + c] * (c + 1) for c in range(4)]  # 1..4 tokens each
+    requests = [request(q, c) for q in questions for c in choices]
+    groups = group_requests(requests)
+    assert sorted(sorted(g) for g in groups) == [list(range(4 * q, 4 * q + 4)) for q in range(3)]
+    row = pack(requests, groups[0])
+    # The question once, then every choice but its last token: 8 + (0 + 1 + 2 + 3).
+    assert row.prefix_length == 8 and len(row.tokens) == 8 + 6
+    assert row.positions == [*range(8), *range(8, 9), *range(8, 10), *range(8, 11)]
+    # Unrelated requests are never packed together (nothing shared, nothing saved).
+    assert len(group_requests([request([1, 2], [3]), request([4, 5], [6])])) == 2
+
+
+def test_task_numbers_equal_across_scorers(model_and_tokenizer, task_data, task_results):
+    from dimcut.evaluation import TaskScorer
+
+    model, tokenizer = model_and_tokenizer
+    stock = evaluate_tasks(
+        model, tokenizer, list(evaluation.TASKS), task_data, limit=LIMIT,
+        scorer=TaskScorer.LM_EVAL,
+    )  # fmt: skip
+    for task, entry in task_results.items():
+        assert entry["scorer"] == "shared-prefix" and stock[task]["scorer"] == "lm-eval"
+        for metric in ("acc", "acc_norm", "acc_stderr", "n"):
+            assert entry[metric] == stock[task][metric], (task, metric)
+
+
 # ------------------------------------------------------------------- library error messages
 
 

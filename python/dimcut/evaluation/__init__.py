@@ -4,6 +4,7 @@
 command line. Modules, each importing only those before it:
 
 - `perplexity`: the perplexity protocol on a loaded model;
+- `shared_prefix`: lm-eval's HF model scoring each question's shared context once;
 - `tasks`: lm-eval tasks on local data (task YAMLs, context checks, runs, headline metrics);
 - `record`: the record's model facts, fingerprint, parameter counts, versions; writing it;
 - `run`: `evaluate`, which puts them together;
@@ -28,6 +29,7 @@ from dimcut.evaluation.tasks import (
     DEFAULT_TASKS,
     TASKS,
     TaskRun,
+    TaskScorer,
     default_task_data,
     evaluate_tasks,
     prepare_tasks,
@@ -40,6 +42,7 @@ __all__ = [
     "SCHEMA",
     "TASKS",
     "TaskRun",
+    "TaskScorer",
     "add_commands",
     "add_evaluation_arguments",
     "checkpoint_fingerprint",

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from dimcut.evaluation.record import format_summary, model_facts, write_results
 from dimcut.evaluation.run import DEFAULT_PPL_SOURCE, DTYPES, evaluate
-from dimcut.evaluation.tasks import DEFAULT_TASKS, HUB_TASK_DATA, TASKS, prepare_tasks
+from dimcut.evaluation.tasks import (
+    DEFAULT_TASKS,
+    HUB_TASK_DATA,
+    TASKS,
+    TaskScorer,
+    prepare_tasks,
+)
 from dimcut.runtime import Device
 
 DEFAULT_PPL_SEQLEN = 2048
@@ -96,6 +102,15 @@ def add_evaluation_arguments(parser) -> None:
         help="perplexity windows / lm-eval requests per batch (default 1)",
     )
     parser.add_argument(
+        "--scorer",
+        choices=[scorer.value for scorer in TaskScorer],
+        default=TaskScorer.SHARED_PREFIX.value,
+        help="how task choices are scored: 'shared-prefix' runs each question's context once "
+        "for all its choices and the vocabulary head only where a choice is scored (the same "
+        "log-likelihoods as lm-eval's, ≈ 2× faster on ARC and HellaSwag); 'lm-eval' runs "
+        "lm-eval's HF model unchanged (default shared-prefix)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=DTYPES,
         default="float32",
@@ -123,6 +138,7 @@ def evaluation_options(args) -> dict:
         "limit": args.limit,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
+        "scorer": TaskScorer(args.scorer),
     }
 
 

