@@ -14,6 +14,7 @@ import re
 import shutil
 import struct
 import subprocess
+import types
 from pathlib import Path
 
 import numpy as np
@@ -434,23 +435,88 @@ def test_bad_widths_files_are_refused(pristine, tmp_path, capsys, schedule, extr
     refuse(args, capsys, match, inputs=(pristine,))
 
 
-def test_variance_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path):
-    from dimcut.slicing import variance_schedule
+@pytest.mark.parametrize("kind", ["variance", "sensitivity"])
+def test_measured_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path, kind):
+    import functools
+
+    from dimcut.plan import SENSITIVITY_FLOOR, retained_widths, sensitivity_candidates
+    from dimcut.slicing import fitted_schedule
 
     options = {"nsamples": 8, "seqlen": 64, "progress": False}
     uniform = dimcut.slice_model(trained_llama, 0.5, tmp_path / "uniform", round_to=4, **options)
     varied = dimcut.slice_model(
-        trained_llama, 0.5, tmp_path / "variance", widths="variance", round_to=4, **options
+        trained_llama, 0.5, tmp_path / kind, widths=kind, round_to=4, **options
     )
     assert varied.parameters["total"] <= uniform.parameters["total"]
-    config = json.loads((tmp_path / "variance" / "config.json").read_text())
+    config = json.loads((tmp_path / kind / "config.json").read_text())
     widths = [config["embedding_width"], *config["mid_widths"], *config["out_widths"][:-1]]
-    assert len(set(widths)) > 1 and config["dimcut"]["widths"] == "variance"
+    assert len(set(widths)) > 1 and config["dimcut"]["widths"] == kind
     assert varied.hidden_size == uniform.hidden_size == 32
-    # The next step of retained energy would not fit: the schedule is as wide as it can be.
+    # The next step of the schedule would not fit: it is as wide as it can be.
     arch = load_architecture(trained_llama)
-    spectra = dimcut.calibration.signal_spectra(trained_llama, **options)
-    schedule = variance_schedule(arch, spectra, uniform.parameters["total"], 4, False)
+    if kind == "variance":
+        spectra = dimcut.calibration.signal_spectra(trained_llama, **options)
+        candidate = functools.partial(retained_widths, spectra, arch, round_to=4, slice_head=False)
+    else:
+        assert min(widths) >= int(SENSITIVITY_FLOOR * 32) // 4 * 4  # rounded to --round-to
+        found = dimcut.calibration.signal_sensitivities(trained_llama, 32, **options)
+        candidate = sensitivity_candidates(
+            {name: signal.spectrum for name, signal in found.items()},
+            {name: signal.sensitivity for name, signal in found.items()},
+            arch, 32, 4, False,
+        )  # fmt: skip
+    schedule = fitted_schedule(arch, uniform.parameters["total"], kind, candidate)
     assert dimcut.formats.planned_parameters(arch, "slicegpt", schedule) == {
         k: varied.parameters[k] for k in ("total", "shortcuts", "without_shortcuts")
     }
+
+
+def test_sensitivities_match_gradients_taken_directly(trained_llama):
+    """The oracle: ½ mean over tokens of (g · δ)² at the embedding output and every layer
+    output but the last, from the stock model's own hidden states and autograd."""
+    import torch
+
+    from dimcut.calibration import sampled_text
+    from dimcut.calibration.sensitivity import fisher_sensitivities
+
+    model, tokenizer = dimcut.load(trained_llama)
+    tokens, _ = sampled_text(None, tokenizer, 2, 48, 3)
+    width, full = 24, model.config.hidden_size
+    axes = {}
+    generator = torch.Generator().manual_seed(0)
+    names = ["Q.embedding", *(f"Q.{i}.{p}" for i in range(2) for p in ("mid", "out"))]
+    for name in names:
+        q, _ = torch.linalg.qr(torch.randn(full, full, generator=generator))
+        axes[name] = q[:, :width].contiguous()
+    expected = dict.fromkeys(["Q.embedding", "Q.0.out"], 0.0)
+    for sequence in tokens:
+        batch = sequence[None]
+        output = model(batch, labels=batch, output_hidden_states=True)
+        states = {"Q.embedding": output.hidden_states[0], "Q.0.out": output.hidden_states[1]}
+        gradients = torch.autograd.grad(output.loss * (batch.shape[1] - 1), list(states.values()))
+        for (name, x), g in zip(states.items(), gradients, strict=True):
+            delta = x - (x @ axes[name]) @ axes[name].T
+            expected[name] += 0.5 * float(((g * delta).sum(-1) ** 2).sum())
+    count = tokens.shape[0] * (tokens.shape[1] - 1)
+    measured = fisher_sensitivities(model, tokens, axes)
+    assert set(measured) == set(names)
+    for name, total in expected.items():
+        assert measured[name] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_direction_losses_spread_each_points_sensitivity():
+    from dimcut.plan import SENSITIVITY_SMOOTHING, direction_losses, loss_widths
+
+    arch = types.SimpleNamespace(num_layers=3, hidden_size=8)
+    names = ["Q.embedding", *(f"Q.{i}.{p}" for i in range(3) for p in ("mid", "out"))]
+    rng = np.random.default_rng(0)
+    spectra = {n: np.sort(rng.random(8))[::-1] for n in names}
+    sensitivity = {n: float(i + 1) for i, n in enumerate(names)}
+    losses = direction_losses(spectra, sensitivity, arch, 5)
+    for index, name in enumerate(names):
+        around = names[max(0, index - SENSITIVITY_SMOOTHING) : index + SENSITIVITY_SMOOTHING + 1]
+        # What a uniform cut to 5 deletes there costs the point's (smoothed) sensitivity.
+        assert losses[name][5:].sum() == pytest.approx(np.mean([sensitivity[n] for n in around]))
+    low = loss_widths(losses, arch, 1e9, 4, 2, False)
+    high = loss_widths(losses, arch, 0.0, 4, 2, False)
+    assert low.as_list()[:-1] == [4] * 6 and high.as_list() == [8] * 7  # the floor; everything

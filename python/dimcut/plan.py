@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +104,74 @@ def retained_widths(
         energy = np.cumsum(spectra[name])
         need = int(np.searchsorted(energy, retained * energy[-1] * (1 - 1e-12))) + 1
         return int(min(full, max(round_to, math.ceil(need / round_to) * round_to)))
+
+    out = [width(name) for name in names.out]
+    if not slice_head:
+        out[-1] = full
+    return Widths(width(names.embedding), tuple(width(n) for n in names.mid), tuple(out))
+
+
+# Sensitivity schedules keep every point at least this fraction of the uniform width: points
+# estimated insensitive were otherwise cut to a few directions, which the sequential calibration
+# does not recover from (measured on SmolLM2: 8-wide points, perplexity ×100).
+SENSITIVITY_FLOOR = 0.8
+SENSITIVITY_SMOOTHING = 2  # neighbours averaged on each side: one point's estimate is noisy
+
+
+def direction_losses(
+    spectra: Mapping[str, np.ndarray],
+    sensitivity: Mapping[str, float],
+    arch: Architecture,
+    width: int,
+) -> dict[str, np.ndarray]:
+    """Estimated loss of deleting each direction of each residual point: the point's
+    sensitivity to a uniform cut to `width` (averaged with its neighbours in residual order)
+    spread over the directions that cut deletes, in proportion to their energy."""
+    names = RotationNames.per_layer(arch.num_layers)
+    order = [names.embedding, *(n for pair in zip(names.mid, names.out) for n in pair)]
+    losses = {}
+    for index, name in enumerate(order):
+        around = order[max(0, index - SENSITIVITY_SMOOTHING) : index + SENSITIVITY_SMOOTHING + 1]
+        smoothed = sum(max(sensitivity[n], 0.0) for n in around) / len(around)
+        energy = np.asarray(spectra[name], dtype=np.float64)
+        energy = energy / max(energy.sum(), 1e-300)
+        deleted = max(float(energy[width:].sum()), 1e-12)
+        losses[name] = max(smoothed, 1e-12) / deleted * energy
+    return losses
+
+
+def sensitivity_candidates(
+    spectra: Mapping[str, np.ndarray],
+    sensitivity: Mapping[str, float],
+    arch: Architecture,
+    width: int,
+    round_to: int,
+    slice_head: bool,
+) -> Callable[[float], Widths]:
+    """Schedules from `direction_losses`, wider as x in [0, 1] grows (the threshold falls from
+    the largest direction loss over 12 decades), never below `SENSITIVITY_FLOOR` of `width`."""
+    losses = direction_losses(spectra, sensitivity, arch, width)
+    top = max(float(loss.max()) for loss in losses.values())
+    floor = max(round_to, int(SENSITIVITY_FLOOR * width) // round_to * round_to)
+    return lambda x: loss_widths(losses, arch, top * 1e-12**x, floor, round_to, slice_head)
+
+
+def loss_widths(
+    losses: Mapping[str, np.ndarray],
+    arch: Architecture,
+    threshold: float,
+    floor: int,
+    round_to: int,
+    slice_head: bool,
+) -> Widths:
+    """Each residual point keeps the directions whose deletion would cost more than
+    `threshold` (rounded up to a multiple of `round_to`, at least `floor`)."""
+    names = RotationNames.per_layer(arch.num_layers)
+    full = arch.hidden_size
+
+    def width(name: str) -> int:
+        need = int((losses[name] > threshold).sum())
+        return int(min(full, max(floor, math.ceil(need / round_to) * round_to)))
 
     out = [width(name) for name in names.out]
     if not slice_head:

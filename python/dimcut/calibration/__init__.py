@@ -3,15 +3,19 @@
 Modules, in the order data flows: `text` (sampling) → `layers` (streaming the stock decoder
 blocks) → `activations` (where the signals live between layers) → `pca` (covariances, eigh) →
 `rotations` (the on-disk rotation store, `--save-rotations`/`--rotations`) → `resume`
-(per-layer checkpoints) → `procedures` (the slicegpt and plain procedures).
+(per-layer checkpoints) → `sensitivity` (the loss sensitivity of each residual point, one
+backward pass) → `procedures` (the slicegpt and plain procedures, spectra and sensitivities
+for per-layer widths).
 """
 
 from dimcut.calibration.layers import BlockDtype
 from dimcut.calibration.pca import Weighting
 from dimcut.calibration.procedures import (
     DEFAULT_WEIGHTING,
+    SignalSensitivity,
     Timings,
     calibrate,
+    signal_sensitivities,
     signal_spectra,
     streamed_forward,
 )
@@ -37,6 +41,7 @@ __all__ = [
     "BlockDtype",
     "Calibrated",
     "RotationStore",
+    "SignalSensitivity",
     "Timings",
     "Weighting",
     "calibrate",
@@ -47,6 +52,7 @@ __all__ = [
     "sample_sequences",
     "sampled_text",
     "save_rotations",
+    "signal_sensitivities",
     "signal_spectra",
     "streamed_forward",
 ]

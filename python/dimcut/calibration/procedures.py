@@ -38,6 +38,7 @@ from dimcut.calibration.rotations import (
     RotationStore,
     model_fingerprint,
 )
+from dimcut.calibration.sensitivity import fisher_sensitivities
 from dimcut.calibration.text import sampled_text
 from dimcut.plan import (
     PLAIN_ROTATION,
@@ -447,6 +448,57 @@ def signal_spectra(
             with stream.timings.measure("eigh"):
                 spectra[name] = covariance.spectrum()
     return spectra
+
+
+# Sequences of the calibration sample the sensitivity's backward pass runs over (measured on
+# SmolLM2: 8 × 512 tokens give the schedule of the 61 point-by-point evaluations).
+SENSITIVITY_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class SignalSensitivity:
+    spectrum: np.ndarray  # unit-RMS eigenvalues, descending (as `signal_spectra`)
+    sensitivity: float  # estimated loss increase per token of cutting the signal to `width`
+
+
+def signal_sensitivities(
+    model_dir: str | Path,
+    width: int,
+    *,
+    source: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 42,
+    device: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: BlockDtype | str = BlockDtype.FLOAT32,
+    progress: bool = True,
+) -> dict[str, SignalSensitivity]:
+    """Every residual signal's spectrum (as `signal_spectra`) and the loss sensitivity of
+    cutting it to `width` alone (`sensitivity.fisher_sensitivities` on the first
+    `SENSITIVITY_SAMPLES` calibration sequences; the model is loaded whole for it)."""
+    from dimcut import formats
+
+    model_dir = Path(model_dir)
+    arch = load_architecture(model_dir)
+    dtype = BlockDtype.parse(dtype)
+    settings = _Settings(source, nsamples, seqlen, seed, device, memory_budget, dtype, progress)
+    spectra, kept = {}, {}
+    with _open_stream(model_dir, arch, settings, None, {"format": "sensitivity"}) as opened:
+        stream, _record, stores = opened
+        make = functools.partial(Covariance, arch.hidden_size, stream.runner.device, unit_rms=True)
+        for name, covariance in _dense_signals(stream, stores, make):
+            with stream.timings.measure("eigh"):
+                axes, spectra[name] = covariance.principal_axes(name)
+            kept[name] = torch.from_numpy(np.ascontiguousarray(axes[:, :width]))
+        device = stream.runner.device
+    model, tokenizer = formats.load(model_dir, device=str(device), dtype=dtype.value)
+    tokens, _ = sampled_text(source, tokenizer, min(nsamples, SENSITIVITY_SAMPLES), seqlen, seed)
+    kept = {name: axes.to(device, next(model.parameters()).dtype) for name, axes in kept.items()}
+    sensitivities = fisher_sensitivities(model, tokens, kept)
+    return {
+        name: SignalSensitivity(spectrum, sensitivities[name]) for name, spectrum in spectra.items()
+    }
 
 
 def _accumulate(stream: _Stream, store: ActivationStore, covariance: Covariance) -> None:
