@@ -495,7 +495,7 @@ def signal_sensitivities(
     model, tokenizer = formats.load(model_dir, device=str(device), dtype=dtype.value)
     tokens, _ = sampled_text(source, tokenizer, min(nsamples, SENSITIVITY_SAMPLES), seqlen, seed)
     kept = {name: axes.to(device, next(model.parameters()).dtype) for name, axes in kept.items()}
-    sensitivities = fisher_sensitivities(model, tokens, kept)
+    sensitivities = fisher_sensitivities(model, tokens, kept, progress)
     return {
         name: SignalSensitivity(spectrum, sensitivities[name]) for name, spectrum in spectra.items()
     }

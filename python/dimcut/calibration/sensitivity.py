@@ -40,7 +40,7 @@ def _probing_class(stock: type) -> type:
 
 
 def fisher_sensitivities(
-    model: nn.Module, tokens: torch.Tensor, kept: dict[str, torch.Tensor]
+    model: nn.Module, tokens: torch.Tensor, kept: dict[str, torch.Tensor], progress: bool = False
 ) -> dict[str, float]:
     """Per residual point (rotation name → its kept axes, D × d), the mean over `tokens`' tokens
     of ½ (g · δ)², δ the part of the residual outside the kept axes. `model` is modified (its
@@ -66,8 +66,10 @@ def fisher_sensitivities(
         layer.__class__ = _probing_class(type(layer))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    from tqdm.auto import tqdm
+
     counted = 0
-    for sequence in tokens:
+    for sequence in tqdm(tokens, desc="sensitivity", unit="seq", disable=not progress):
         batch = sequence[None].to(model.device)
         # A leaf input, so the residual stream carries gradients and no weight does.
         embedded = model.get_input_embeddings()(batch).detach().requires_grad_(True)
