@@ -441,13 +441,19 @@ def signal_spectra(
         source, nsamples, seqlen, seed, device, memory_budget, BlockDtype.parse(dtype), progress
     )
     spectra = {}
-    with _open_stream(model_dir, arch, settings, None, {"format": "spectra"}) as opened:
+    for name, covariance, _device in _unit_rms_signals(model_dir, arch, settings, "spectra"):
+        spectra[name] = covariance.spectrum()
+    return spectra
+
+
+def _unit_rms_signals(model_dir: Path, arch: Architecture, settings: _Settings, what: str):
+    """(rotation name, unit-RMS covariance, device) of every residual signal of the dense model."""
+    with _open_stream(model_dir, arch, settings, None, {"format": what}) as opened:
         stream, _record, stores = opened
         make = functools.partial(Covariance, arch.hidden_size, stream.runner.device, unit_rms=True)
         for name, covariance in _dense_signals(stream, stores, make):
             with stream.timings.measure("eigh"):
-                spectra[name] = covariance.spectrum()
-    return spectra
+                yield name, covariance, stream.runner.device
 
 
 # Sequences of the calibration sample the sensitivity's backward pass runs over (measured on
@@ -483,15 +489,10 @@ def signal_sensitivities(
     arch = load_architecture(model_dir)
     dtype = BlockDtype.parse(dtype)
     settings = _Settings(source, nsamples, seqlen, seed, device, memory_budget, dtype, progress)
-    spectra, kept = {}, {}
-    with _open_stream(model_dir, arch, settings, None, {"format": "sensitivity"}) as opened:
-        stream, _record, stores = opened
-        make = functools.partial(Covariance, arch.hidden_size, stream.runner.device, unit_rms=True)
-        for name, covariance in _dense_signals(stream, stores, make):
-            with stream.timings.measure("eigh"):
-                axes, spectra[name] = covariance.principal_axes(name)
-            kept[name] = torch.from_numpy(np.ascontiguousarray(axes[:, :width]))
-        device = stream.runner.device
+    spectra, kept, device = {}, {}, None
+    for name, covariance, device in _unit_rms_signals(model_dir, arch, settings, "sensitivity"):
+        axes, spectra[name] = covariance.principal_axes(name)
+        kept[name] = torch.from_numpy(np.ascontiguousarray(axes[:, :width]))
     model, tokenizer = formats.load(model_dir, device=str(device), dtype=dtype.value)
     tokens, _ = sampled_text(source, tokenizer, min(nsamples, SENSITIVITY_SAMPLES), seqlen, seed)
     kept = {name: axes.to(device, next(model.parameters()).dtype) for name, axes in kept.items()}
