@@ -460,11 +460,7 @@ def test_measured_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path
     else:
         assert min(widths) >= int(SENSITIVITY_FLOOR * 32) // 4 * 4  # rounded to --round-to
         found = dimcut.calibration.signal_sensitivities(trained_llama, 32, **options)
-        candidate = sensitivity_candidates(
-            {name: signal.spectrum for name, signal in found.items()},
-            {name: signal.sensitivity for name, signal in found.items()},
-            arch, 32, 4, False,
-        )  # fmt: skip
+        candidate = sensitivity_candidates(found.spectra, found.sensitivity, arch, 32, 4, False)
     schedule = fitted_schedule(arch, uniform.parameters["total"], kind, candidate)
     assert dimcut.formats.planned_parameters(arch, "slicegpt", schedule) == {
         k: varied.parameters[k] for k in ("total", "shortcuts", "without_shortcuts")

@@ -12,7 +12,7 @@ from dimcut.calibration.layers import BlockDtype
 from dimcut.calibration.pca import Weighting
 from dimcut.calibration.procedures import (
     DEFAULT_WEIGHTING,
-    SignalSensitivity,
+    SignalSensitivities,
     Timings,
     calibrate,
     signal_sensitivities,
@@ -41,7 +41,7 @@ __all__ = [
     "BlockDtype",
     "Calibrated",
     "RotationStore",
-    "SignalSensitivity",
+    "SignalSensitivities",
     "Timings",
     "Weighting",
     "calibrate",

@@ -462,9 +462,9 @@ SENSITIVITY_SAMPLES = 8
 
 
 @dataclass(frozen=True)
-class SignalSensitivity:
-    spectrum: np.ndarray  # unit-RMS eigenvalues, descending (as `signal_spectra`)
-    sensitivity: float  # estimated loss increase per token of cutting the signal to `width`
+class SignalSensitivities:
+    spectra: dict[str, np.ndarray]  # unit-RMS eigenvalues, descending (as `signal_spectra`)
+    sensitivity: dict[str, float]  # estimated loss increase per token of cutting to `width`
 
 
 def signal_sensitivities(
@@ -479,7 +479,7 @@ def signal_sensitivities(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     dtype: BlockDtype | str = BlockDtype.FLOAT32,
     progress: bool = True,
-) -> dict[str, SignalSensitivity]:
+) -> SignalSensitivities:
     """Every residual signal's spectrum (as `signal_spectra`) and the loss sensitivity of
     cutting it to `width` alone (`sensitivity.fisher_sensitivities` on the first
     `SENSITIVITY_SAMPLES` calibration sequences; the model is loaded whole for it)."""
@@ -492,14 +492,12 @@ def signal_sensitivities(
     spectra, kept, device = {}, {}, None
     for name, covariance, device in _unit_rms_signals(model_dir, arch, settings, "sensitivity"):
         axes, spectra[name] = covariance.principal_axes(name)
-        kept[name] = torch.from_numpy(np.ascontiguousarray(axes[:, :width]))
+        kept[name] = np.ascontiguousarray(axes[:, :width])
     model, tokenizer = formats.load(model_dir, device=str(device), dtype=dtype.value)
     tokens, _ = sampled_text(source, tokenizer, min(nsamples, SENSITIVITY_SAMPLES), seqlen, seed)
-    kept = {name: axes.to(device, next(model.parameters()).dtype) for name, axes in kept.items()}
-    sensitivities = fisher_sensitivities(model, tokens, kept, progress)
-    return {
-        name: SignalSensitivity(spectrum, sensitivities[name]) for name, spectrum in spectra.items()
-    }
+    weights = next(model.parameters()).dtype
+    kept = {name: torch.from_numpy(axes).to(device, weights) for name, axes in kept.items()}
+    return SignalSensitivities(spectra, fisher_sensitivities(model, tokens, kept, progress))
 
 
 def _accumulate(stream: _Stream, store: ActivationStore, covariance: Covariance) -> None:

@@ -45,6 +45,8 @@ def fisher_sensitivities(
     """Per residual point (rotation name → its kept axes, D × d), the mean over `tokens`' tokens
     of ½ (g · δ)², δ the part of the residual outside the kept axes. `model` is modified (its
     layers probe, its weights stop requiring gradients): use a copy made for this."""
+    from tqdm.auto import tqdm
+
     names = RotationNames.per_layer(len(model.model.layers))
     totals = dict.fromkeys(kept, 0.0)
 
@@ -66,8 +68,6 @@ def fisher_sensitivities(
         layer.__class__ = _probing_class(type(layer))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    from tqdm.auto import tqdm
-
     counted = 0
     for sequence in tqdm(tokens, desc="sensitivity", unit="seq", disable=not progress):
         batch = sequence[None].to(model.device)
