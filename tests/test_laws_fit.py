@@ -238,3 +238,19 @@ def test_records_of_one_model_in_several_files_are_merged(tmp_path):
     clash = dict(records[2], tasks={"arc_easy": {"headline_metric": "acc_norm", "headline": 0.1}})
     with pytest.raises(ValueError, match="disagree on task arc_easy"):
         fit_of(tmp_path / "clash", [*records, clash])
+
+
+def test_a_metric_measured_in_two_precisions_is_refused(tmp_path):
+    # Accuracies in bfloat16 beside float32 perplexities merge (each metric in one precision),
+    # but one metric measured in float32 at some points and bfloat16 at others is no law.
+    records = law_records("m", [0.1, 0.2, 0.3])
+    ppl_only = [dict(r, tasks={}) for r in records]
+    tasks_bf16 = [dict(r, perplexity=None, dtype="bfloat16") for r in records]
+    report = fit_of(tmp_path, [*ppl_only, *tasks_bf16])
+    assert report.models == fit_of(tmp_path / "whole", records).models
+    mixed = [*records[:3], dict(records[3], dtype="bfloat16")]
+    with pytest.raises(ValueError, match=r"perplexities on wikitext2 were measured in different"):
+        fit_of(tmp_path / "mixed", mixed)
+    mixed_tasks = [*tasks_bf16[:3], dict(tasks_bf16[3], dtype="float32")]
+    with pytest.raises(ValueError, match=r"accuracies on task 'arc_easy' were measured in diff"):
+        fit_of(tmp_path / "mixed-tasks", mixed_tasks)

@@ -176,7 +176,8 @@ def measurement(record: Record, metric: str, text: str | None) -> tuple[str, flo
     if metric == PERPLEXITY:
         found = record.perplexities.get(text)
         return None if found is None else ("ppl", found[0])
-    return record.tasks.get(metric)
+    found = record.tasks.get(metric)
+    return None if found is None else found[:2]
 
 
 def _fit_metric(

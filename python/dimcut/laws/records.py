@@ -46,8 +46,8 @@ class Record:
     sparsity: float  # the requested s (the effective one when not recorded)
     effective_sparsity: float
     original_hidden_size: int | None  # D
-    perplexities: dict[str, tuple[float, int]]  # text -> (PPL, seqlen); the headline text first
-    tasks: dict[str, tuple[str, float]]  # task -> (headline metric name, value)
+    perplexities: dict[str, tuple[float, int, str]]  # text -> (PPL, seqlen, dtype), headline first
+    tasks: dict[str, tuple[str, float, str]]  # task -> (headline metric name, value, dtype)
     calibration: str | None = None  # the calibration text's hash: cuts made alike share it
 
     @property
@@ -75,16 +75,19 @@ class Record:
                 [data["perplexity"]] if data.get("perplexity") else [],
                 "perplexity.ppl",
             )
+        # Records keep the precision they were evaluated in (float32 before it was recorded): a
+        # merged record may hold perplexities of one and accuracies of another.
+        dtype = data.get("dtype") or "float32"
         perplexities = {}
         for i, entry in enumerate(entries):
             if entry and entry.get("ppl") is not None:
                 value = _finite(entry["ppl"], where.format(i), path)
-                perplexities[str(entry.get("source"))] = (value, entry.get("seqlen"))
+                perplexities[str(entry.get("source"))] = (value, entry.get("seqlen"), dtype)
         tasks = {}
         for task, result in (data.get("tasks") or {}).items():
             if result and result.get("headline") is not None:
                 value = _finite(result["headline"], f"tasks.{task}.headline", path)
-                tasks[task] = (result.get("headline_metric") or "headline", value)
+                tasks[task] = (result.get("headline_metric") or "headline", value, dtype)
         requested = model.get("sparsity")
         return cls(
             path=path,
@@ -110,14 +113,21 @@ class Record:
                 f"{name}: {mine} vs {theirs}"
             )
 
-        for text, (ppl, seqlen) in other.perplexities.items():
+        # A measurement both hold must agree in value and in how it was made (window, metric,
+        # precision).
+        for text, theirs in other.perplexities.items():
             mine = self.perplexities.get(text)
-            if mine and (mine[1] != seqlen or not math.isclose(mine[0], ppl, rel_tol=1e-6)):
-                disagree(f"perplexity on {text}", mine, (ppl, seqlen))
-        for task, (metric, value) in other.tasks.items():
+            ppl, how = theirs[0], theirs[1:]
+            if mine and (mine[1:] != how or not math.isclose(mine[0], ppl, rel_tol=1e-6)):
+                disagree(f"perplexity on {text}", mine, theirs)
+        for task, theirs in other.tasks.items():
             mine = self.tasks.get(task)
-            if mine and (mine[0] != metric or not math.isclose(mine[1], value, rel_tol=1e-6)):
-                disagree(f"task {task}", mine, (metric, value))
+            metric, value, dtype = theirs
+            if mine and (
+                (mine[0], mine[2]) != (metric, dtype)
+                or not math.isclose(mine[1], value, rel_tol=1e-6)
+            ):
+                disagree(f"task {task}", mine, theirs)
         return replace(
             self,
             path=f"{self.path} + {other.path}",
@@ -278,16 +288,29 @@ def _model_runs(label: str, variant: str, baseline: Record, sliced: list[Record]
             )
     records = [baseline, *runs.sliced]
     for text in {t for r in records for t in r.perplexities}:
-        seqlens = {r.perplexities[text][1] for r in records if text in r.perplexities}
+        measured = [r.perplexities[text] for r in records if text in r.perplexities]
+        seqlens = {seqlen for _, seqlen, _ in measured}
         if len(seqlens) > 1:
             raise ValueError(
                 f"{name}: perplexities on {text} were measured with different windows "
                 f"(seqlen {sorted(seqlens, key=str)}); they are not comparable"
             )
+        _one_precision(f"{name}: perplexities on {text}", {dtype for *_, dtype in measured})
     for task in {t for r in records for t in r.tasks}:
-        measures = {r.tasks[task][0] for r in records if task in r.tasks}
+        measured = [r.tasks[task] for r in records if task in r.tasks]
+        measures = {metric for metric, *_ in measured}
         if len(measures) > 1:
             raise ValueError(
                 f"{name}: task {task!r} has different headline metrics {sorted(measures)}"
             )
+        _one_precision(f"{name}: accuracies on task {task!r}", {dtype for *_, dtype in measured})
     return runs
+
+
+def _one_precision(what: str, dtypes: set[str]) -> None:
+    """A law compares a metric across cuts: every point must be measured in one precision."""
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"{what} were measured in different precisions ({', '.join(sorted(dtypes))}); "
+            "evaluate every point, the dense model included, with the same --dtype"
+        )
