@@ -45,7 +45,7 @@ fits() {
     # 1–4: every model, variant and text side by side.
     dimcut fit $(existing $R/qwen1.5b-slicegpt $R/qwen1.5b-slicegpt-tasks $R/smollm2-*) -o $OUT/fit.json --markdown $OUT/fit.md --plot $OUT/laws.png
     # 5: fitted on the small sparsities only, predicting the large ones.
-    dimcut fit $(existing $R/qwen1.5b-slicegpt $R/smollm2-slicegpt $R/smollm2-slicegpt-variance $R/smollm2-slicegpt-sensitivity) --holdout 0.25,0.3,0.4 -o $OUT/holdout.json --markdown $OUT/holdout.md
+    dimcut fit $(existing $R/qwen1.5b-slicegpt $R/qwen1.5b-slicegpt-tasks $R/smollm2-slicegpt $R/smollm2-slicegpt-variance $R/smollm2-slicegpt-sensitivity) --holdout 0.25,0.3,0.4 -o $OUT/holdout.json --markdown $OUT/holdout.md
     dimcut fit $(existing $R/smollm2-plain-rms $R/smollm2-plain-raw) --holdout 0.375,0.5 -o $OUT/holdout-plain.json --markdown $OUT/holdout-plain.md
 }
 
