@@ -17,6 +17,16 @@ CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
 PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
 TASKS="--ppl none --tasks arc_easy,piqa --limit 500 --batch-size 4"
 
+# measure PREFIX MODEL LABEL [eval options...]: the records PREFIX.{wiki,lambada,tasks}.json
+# that are missing.
+measure() {
+    local prefix=$1 model=$2 label=$3
+    shift 3
+    [ -f "$prefix.wiki.json" ] || dimcut eval "$model" --label "$label" --ppl wiki-offline $PPL "$@" -o "$prefix.wiki.json"
+    [ -f "$prefix.lambada.json" ] || dimcut eval "$model" --label "$label" --ppl lambada-offline $PPL "$@" -o "$prefix.lambada.json"
+    [ -f "$prefix.tasks.json" ] || dimcut eval "$model" --label "$label" $TASKS "$@" -o "$prefix.tasks.json"
+}
+
 # cut NAME MODEL LABEL BUDGET FORMAT WIDTHS [eval options...]: slice at the budget, measure.
 cut() {
     local name=$1 model=$2 label=$3 budget=$4 fmt=$5 widths=$6
@@ -34,21 +44,10 @@ cut() {
     fi
     mkdir -p "$WORK" "$B"
     dimcut slice "$model" --target-params "$budget" --format "$fmt" "${rotations[@]}" $CALIB -o "$out" --overwrite
-    [ -f "$prefix.wiki.json" ] || dimcut eval "$out" --label "$label" --ppl wiki-offline $PPL "$@" -o "$prefix.wiki.json"
-    [ -f "$prefix.lambada.json" ] || dimcut eval "$out" --label "$label" --ppl lambada-offline $PPL "$@" -o "$prefix.lambada.json"
-    [ -f "$prefix.tasks.json" ] || dimcut eval "$out" --label "$label" $TASKS "$@" -o "$prefix.tasks.json"
+    measure "$prefix" "$out" "$label" "$@"
     rm -rf "$out"
 }
 
-# dense NAME MODEL LABEL [eval options...]: the table's dense row.
-dense() {
-    local name=$1 model=$2 label=$3
-    shift 3
-    local prefix=$B/$name-dense
-    [ -f "$prefix.wiki.json" ] || dimcut eval "$model" --label "$label" --ppl wiki-offline $PPL "$@" -o "$prefix.wiki.json"
-    [ -f "$prefix.lambada.json" ] || dimcut eval "$model" --label "$label" --ppl lambada-offline $PPL "$@" -o "$prefix.lambada.json"
-    [ -f "$prefix.tasks.json" ] || dimcut eval "$model" --label "$label" $TASKS "$@" -o "$prefix.tasks.json"
-}
 
 smol() {
     local budget
@@ -64,7 +63,7 @@ smol() {
 # the table compares like with like).
 qwen() {
     local budget q="qwen qwen2.5-coder-1.5b Qwen2.5-Coder-1.5B"
-    dense $q --dtype bfloat16
+    measure $B/qwen-dense qwen2.5-coder-1.5b Qwen2.5-Coder-1.5B --dtype bfloat16
     for budget in 0.75 0.85 0.95; do
         cut $q $budget slicegpt uniform --dtype bfloat16
         cut $q $budget plain uniform --dtype bfloat16

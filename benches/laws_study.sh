@@ -29,7 +29,7 @@ sweeps() {
     dimcut sweep $SMOL --sparsities $PLAIN_S -o $R/smollm2-plain-raw --format plain --weighting raw $CALIB $TEXTS --tasks none
     # Accuracy in bfloat16 (≈ 4× float32's speed on AVX512-BF16: ≈ 22 min per Qwen point), in
     # records of their own (`--ppl none`) that `dimcut fit` merges with the float32 perplexities
-    # of the same cuts (same fingerprints).
+    # of the same cuts (same fingerprints). s = 0.25 first: the point both formats are compared at.
     dimcut sweep $QWEN --sparsities 0.25 -o $R/qwen1.5b-slicegpt-tasks --format slicegpt $CALIB $QWEN_TASKS
     [ -f $R/qwen1.5b-plain-rms-tasks/dense.json ] || { mkdir -p $R/qwen1.5b-plain-rms-tasks; cp $R/qwen1.5b-slicegpt-tasks/dense.json $R/qwen1.5b-plain-rms-tasks/; }
     dimcut sweep $QWEN --sparsities 0.25 -o $R/qwen1.5b-plain-rms-tasks --format plain --weighting rms $CALIB $QWEN_TASKS

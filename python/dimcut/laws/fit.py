@@ -175,9 +175,9 @@ def measurement(record: Record, metric: str, text: str | None) -> tuple[str, flo
     """(measure, value) of `metric` (on `text`, for the perplexity) in `record`, if measured."""
     if metric == PERPLEXITY:
         found = record.perplexities.get(text)
-        return None if found is None else ("ppl", found[0])
+        return None if found is None else ("ppl", found.ppl)
     found = record.tasks.get(metric)
-    return None if found is None else found[:2]
+    return None if found is None else (found.metric, found.value)
 
 
 def _fit_metric(

@@ -8,10 +8,23 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from dimcut.evaluation import SCHEMA as RESULTS_SCHEMA
 
 DENSE = "dense"  # the variant of an unsliced model
+
+
+class Perplexity(NamedTuple):
+    ppl: float
+    seqlen: int | None  # the window: perplexities of other windows are not comparable
+    dtype: str  # the evaluation precision (float32 before records held it)
+
+
+class Accuracy(NamedTuple):
+    metric: str  # the task's headline metric name
+    value: float
+    dtype: str
 
 
 def cut_variant(model: dict) -> str:
@@ -46,8 +59,8 @@ class Record:
     sparsity: float  # the requested s (the effective one when not recorded)
     effective_sparsity: float
     original_hidden_size: int | None  # D
-    perplexities: dict[str, tuple[float, int, str]]  # text -> (PPL, seqlen, dtype), headline first
-    tasks: dict[str, tuple[str, float, str]]  # task -> (headline metric name, value, dtype)
+    perplexities: dict[str, Perplexity]  # by text, the headline text first
+    tasks: dict[str, Accuracy]  # by task
     calibration: str | None = None  # the calibration text's hash: cuts made alike share it
 
     @property
@@ -82,12 +95,14 @@ class Record:
         for i, entry in enumerate(entries):
             if entry and entry.get("ppl") is not None:
                 value = _finite(entry["ppl"], where.format(i), path)
-                perplexities[str(entry.get("source"))] = (value, entry.get("seqlen"), dtype)
+                perplexities[str(entry.get("source"))] = Perplexity(
+                    value, entry.get("seqlen"), dtype
+                )
         tasks = {}
         for task, result in (data.get("tasks") or {}).items():
             if result and result.get("headline") is not None:
                 value = _finite(result["headline"], f"tasks.{task}.headline", path)
-                tasks[task] = (result.get("headline_metric") or "headline", value, dtype)
+                tasks[task] = Accuracy(result.get("headline_metric") or "headline", value, dtype)
         requested = model.get("sparsity")
         return cls(
             path=path,
@@ -117,15 +132,16 @@ class Record:
         # precision).
         for text, theirs in other.perplexities.items():
             mine = self.perplexities.get(text)
-            ppl, how = theirs[0], theirs[1:]
-            if mine and (mine[1:] != how or not math.isclose(mine[0], ppl, rel_tol=1e-6)):
+            if mine and (
+                (mine.seqlen, mine.dtype) != (theirs.seqlen, theirs.dtype)
+                or not math.isclose(mine.ppl, theirs.ppl, rel_tol=1e-6)
+            ):
                 disagree(f"perplexity on {text}", mine, theirs)
         for task, theirs in other.tasks.items():
             mine = self.tasks.get(task)
-            metric, value, dtype = theirs
             if mine and (
-                (mine[0], mine[2]) != (metric, dtype)
-                or not math.isclose(mine[1], value, rel_tol=1e-6)
+                (mine.metric, mine.dtype) != (theirs.metric, theirs.dtype)
+                or not math.isclose(mine.value, theirs.value, rel_tol=1e-6)
             ):
                 disagree(f"task {task}", mine, theirs)
         return replace(
@@ -289,21 +305,21 @@ def _model_runs(label: str, variant: str, baseline: Record, sliced: list[Record]
     records = [baseline, *runs.sliced]
     for text in {t for r in records for t in r.perplexities}:
         measured = [r.perplexities[text] for r in records if text in r.perplexities]
-        seqlens = {seqlen for _, seqlen, _ in measured}
+        seqlens = {m.seqlen for m in measured}
         if len(seqlens) > 1:
             raise ValueError(
                 f"{name}: perplexities on {text} were measured with different windows "
                 f"(seqlen {sorted(seqlens, key=str)}); they are not comparable"
             )
-        _one_precision(f"{name}: perplexities on {text}", {dtype for *_, dtype in measured})
+        _one_precision(f"{name}: perplexities on {text}", {m.dtype for m in measured})
     for task in {t for r in records for t in r.tasks}:
         measured = [r.tasks[task] for r in records if task in r.tasks]
-        measures = {metric for metric, *_ in measured}
+        measures = {m.metric for m in measured}
         if len(measures) > 1:
             raise ValueError(
                 f"{name}: task {task!r} has different headline metrics {sorted(measures)}"
             )
-        _one_precision(f"{name}: accuracies on task {task!r}", {dtype for *_, dtype in measured})
+        _one_precision(f"{name}: accuracies on task {task!r}", {m.dtype for m in measured})
     return runs
 
 
