@@ -15,6 +15,7 @@ import dimcut
 from dimcut.calibration import calibration_documents
 from dimcut.evaluation import perplexity
 from dimcut.healing import HealOptions, Loss, kd_loss, lm_loss, topk_targets
+from dimcut.runtime import Precision
 from helpers import leftovers, refuse, run_cli, run_cli_subprocess, tree_hash
 from tiny_models import save_tiny_model
 
@@ -277,6 +278,14 @@ def test_bad_input_is_refused_and_nothing_is_written(
     args = ["heal", student, "--teacher", teacher, "-o", tmp_path / "out", "--steps", "2", *extra]
     inputs = tuple(p for p in (student, teacher) if p.exists())
     refuse(args, capsys, expected, inputs=inputs)
+
+
+def test_options_parse_their_precision_once():
+    options = HealOptions(dtype="bfloat16")
+    assert options.dtype is Precision.BFLOAT16 and options.record()["dtype"] == "bfloat16"
+    # float16 is a Precision, but not one healing trains in
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'float16'"):
+        HealOptions(dtype="float16")
 
 
 def test_an_existing_output_is_refused(sliced, trained_llama, tmp_path, capsys):

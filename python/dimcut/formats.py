@@ -15,6 +15,7 @@ from pathlib import Path
 from dimcut import modeling_dimcut
 from dimcut.architectures import Architecture
 from dimcut.plan import Format, Widths
+from dimcut.runtime import Precision
 
 MODELING_FILE = "modeling_dimcut.py"
 SHORTCUT_MARK = "_shortcut"
@@ -141,16 +142,17 @@ def count_parameters(model_dir: str | Path) -> dict:
     return counts
 
 
-def load(model_dir: str | Path, *, device: str = "cpu", dtype: str | None = "float32"):
+def load(
+    model_dir: str | Path, *, device: str = "cpu", dtype: Precision | str | None = Precision.FLOAT32
+):
     """Load a dense or dimcut-sliced checkpoint (either format); returns (model, tokenizer).
 
     The tokenizer is None when the directory holds no tokenizer files.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
-    torch_dtype = getattr(torch, dtype) if dtype else None
+    torch_dtype = Precision.parse(dtype, "dtype").torch if dtype else None
     # Safetensors only: never unpickle a `pytorch_model.bin`; remote code stays off (the dimcut
     # model class is registered locally: importing modeling_dimcut registers it).
     model = AutoModelForCausalLM.from_pretrained(

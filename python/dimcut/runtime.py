@@ -38,13 +38,18 @@ class Choice(str, enum.Enum):
     before any work is done) and offered as the CLI's `choices`."""
 
     @classmethod
-    def parse(cls, value, parameter: str | None = None):
+    def parse(cls, value, parameter: str | None = None, allowed=None):
+        """`value` as a member; `allowed` narrows the members a caller accepts."""
+        allowed = tuple(allowed or cls)
         try:
-            return cls(value)
+            member = cls(value)
         except ValueError:
+            member = None
+        if member not in allowed:
             name = parameter or cls.__name__.lower()
-            choices = ", ".join(c.value for c in cls)
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+            choices = ", ".join(c.value for c in allowed)
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        return member
 
     @classmethod
     def values(cls) -> list[str]:
@@ -58,6 +63,22 @@ class Device(Choice):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
+
+
+@enum.unique
+class Precision(Choice):
+    """The floating type a model's weights and activations are in while dimcut runs it
+    (evaluation, calibration blocks, healing); what is written keeps its own dtypes."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @property
+    def torch(self):
+        import torch
+
+        return getattr(torch, self.value)
 
 
 def torch_device(device: str | Device = Device.AUTO):

@@ -31,6 +31,7 @@ from dimcut.runtime import (
     DEFAULT_MEMORY_BUDGET,
     GIB,
     Device,
+    Precision,
     check_output_dir,
     engine_budget,
     package_version,
@@ -178,7 +179,7 @@ def slice_model(
     resume: bool = False,
     weighting: calibration.Weighting | str = calibration.DEFAULT_WEIGHTING,
     widths: str | Path = UNIFORM,
-    calib_dtype: calibration.BlockDtype | str = calibration.BlockDtype.FLOAT32,
+    calib_dtype: Precision | str = Precision.FLOAT32,
 ) -> SliceResult:
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
 
@@ -194,7 +195,7 @@ def slice_model(
     width with the same parameter budget.
 
     `calib_dtype` is what the decoder blocks compute in during calibration (the residual
-    stream and covariances stay float32/float64; `calibration.BlockDtype`).
+    stream and covariances stay float32/float64; `calibration.BLOCK_PRECISIONS`).
 
     `memory_budget` (bytes) bounds what dimcut itself holds: calibration activations beyond half
     of it spill to disk, the engine's tiles use a quarter. `resume=True` keeps calibration state
@@ -564,8 +565,8 @@ def add_cut_arguments(parser, *, seqlen_alias: bool) -> None:
     )
     parser.add_argument(
         "--calib-dtype",
-        choices=calibration.BlockDtype.values(),
-        default=calibration.BlockDtype.FLOAT32.value,
+        choices=[p.value for p in calibration.BLOCK_PRECISIONS],
+        default=Precision.FLOAT32.value,
         help="what the decoder blocks compute in during calibration; the residual stream and "
         "covariances stay float32/float64 (default float32; bfloat16 calibrated Qwen-1.5B 1.6× "
         "faster on an AVX-512 BF16 CPU, +2.8 %% in-domain perplexity; SliceGPT's reference "

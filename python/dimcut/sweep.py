@@ -29,7 +29,7 @@ from dimcut.evaluation import (
     write_results,
 )
 from dimcut.healing import HealOptions, Loss, heal
-from dimcut.runtime import Device, parse_sparsities
+from dimcut.runtime import Device, Precision, parse_sparsities
 from dimcut.slicing import add_cut_arguments, cut_options, slice_model
 from dimcut.zoo import MODEL_HELP, resolve_model
 
@@ -93,9 +93,9 @@ def sweep(
             calibrate_options.get("weighting", calibration.DEFAULT_WEIGHTING)
         ).value,
     }
-    dtype = calibration.BlockDtype.parse(calibrate_options.get("dtype", "float32"))
+    dtype = calibration.block_precision(calibrate_options.get("dtype", Precision.FLOAT32))
     # float32 calibration records carry no block_dtype (they predate it): None matches them.
-    wanted["block_dtype"] = None if dtype is calibration.BlockDtype.FLOAT32 else dtype.value
+    wanted["block_dtype"] = None if dtype is Precision.FLOAT32 else dtype.value
     if fmt == "plain" and any(s > 0 for s, *_ in todo) and not _reusable(rotations, wanted):
         # One calibration serves every sparsity: the plain rotation does not depend on s.
         calibrated = calibration.calibrate(

@@ -12,7 +12,7 @@ from dimcut.bench.inference import format_inference, run_inference
 from dimcut.bench.report import format_table, passed, write_json
 from dimcut.bench.slicing import CONTENDERS as SLICING_CONTENDERS
 from dimcut.bench.slicing import run_slicing
-from dimcut.runtime import Device
+from dimcut.runtime import Device, Precision
 
 JSON_DEFAULT = Path("bench-out/bench.json")
 DESCRIPTION = (
@@ -107,7 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute device (auto: CUDA when present)",
     )
     infer.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights"
+        "--dtype",
+        default=Precision.FLOAT32.value,
+        choices=Precision.values(),
+        help="weights and activations",
     )
 
 

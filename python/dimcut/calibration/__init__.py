@@ -8,7 +8,7 @@ backward pass) → `procedures` (the slicegpt and plain procedures, spectra and 
 for per-layer widths).
 """
 
-from dimcut.calibration.layers import BlockDtype
+from dimcut.calibration.layers import BLOCK_PRECISIONS, block_precision
 from dimcut.calibration.pca import Weighting
 from dimcut.calibration.procedures import (
     DEFAULT_WEIGHTING,
@@ -35,15 +35,16 @@ from dimcut.calibration.text import (
 )
 
 __all__ = [
+    "BLOCK_PRECISIONS",
     "BUILTIN_SOURCE",
     "DEFAULT_WEIGHTING",
     "STATE_FILE",
-    "BlockDtype",
     "Calibrated",
     "RotationStore",
     "SignalSensitivities",
     "Timings",
     "Weighting",
+    "block_precision",
     "calibrate",
     "calibration_documents",
     "load_rotations",

@@ -18,22 +18,18 @@ import torch
 from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, Architecture
 from dimcut.engine import TensorOp, rewrite_tensors
-from dimcut.runtime import Choice
+from dimcut.runtime import Precision
+
+# What the decoder blocks may compute in during calibration. The residual stream, the
+# activations between layers and the covariances stay float32/float64 either way: only each
+# block's f(x) is computed in this precision (SliceGPT's reference calibrates in float16).
+# On a CPU with AVX-512 BF16, bfloat16 calibrated Qwen-1.5B 1.6× faster (README).
+BLOCK_PRECISIONS = (Precision.FLOAT32, Precision.BFLOAT16)
 
 
-@enum.unique
-class BlockDtype(Choice):
-    """What the decoder blocks compute in during calibration. The residual stream, the
-    activations between layers and the covariances stay float32/float64 either way: only each
-    block's f(x) is computed in this precision (SliceGPT's reference calibrates in float16).
-    On a CPU with AVX-512 BF16, bfloat16 calibrated Qwen-1.5B 1.6× faster (README)."""
-
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-
-    @property
-    def torch(self) -> torch.dtype:
-        return getattr(torch, self.value)
+def block_precision(value: Precision | str) -> Precision:
+    """A calibration `dtype` option, parsed (one of `BLOCK_PRECISIONS`)."""
+    return Precision.parse(value, "dtype", BLOCK_PRECISIONS)
 
 
 class Block(str, enum.Enum):
@@ -70,7 +66,7 @@ class LayerRunner:
         device: torch.device,
         seqlen: int,
         budget: int,
-        dtype: BlockDtype = BlockDtype.FLOAT32,
+        dtype: Precision = Precision.FLOAT32,
     ):
         import transformers
         from transformers import AutoConfig

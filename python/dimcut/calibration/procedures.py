@@ -29,7 +29,7 @@ from dimcut.calibration.activations import (
     ActivationStore,
     remove_dead_temporaries,
 )
-from dimcut.calibration.layers import Block, BlockDtype, LayerRunner, embed
+from dimcut.calibration.layers import Block, LayerRunner, block_precision, embed
 from dimcut.calibration.pca import Covariance, Weighting
 from dimcut.calibration.resume import ResumeState
 from dimcut.calibration.rotations import (
@@ -48,7 +48,13 @@ from dimcut.plan import (
     plan_rotation_names,
     plan_widths,
 )
-from dimcut.runtime import DEFAULT_MEMORY_BUDGET, activation_budget, engine_budget, torch_device
+from dimcut.runtime import (
+    DEFAULT_MEMORY_BUDGET,
+    Precision,
+    activation_budget,
+    engine_budget,
+    torch_device,
+)
 from dimcut.tokenizers import load_tokenizer
 
 # The plain format's default, chosen by measurement (README "Better cuts at the same size").
@@ -166,7 +172,7 @@ def calibrate(
     seed: int = 42,
     device: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    dtype: BlockDtype | str = BlockDtype.FLOAT32,
+    dtype: Precision | str = Precision.FLOAT32,
     progress: bool = True,
     resume_dir: str | Path | None = None,
     rotations_dir: str | Path | None = None,
@@ -197,7 +203,7 @@ def calibrate(
         model_dir,
         arch,
         _Settings(
-            source, nsamples, seqlen, seed, device, memory_budget, BlockDtype.parse(dtype), progress
+            source, nsamples, seqlen, seed, device, memory_budget, block_precision(dtype), progress
         ),
         resume_dir,
         identity,
@@ -236,7 +242,7 @@ def streamed_forward(
     seed: int = 42,
     device: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    dtype: BlockDtype | str = BlockDtype.FLOAT32,
+    dtype: Precision | str = Precision.FLOAT32,
     progress: bool = True,
 ) -> Timings:
     """A dense forward of the calibration tokens streamed exactly as calibration streams them,
@@ -247,7 +253,7 @@ def streamed_forward(
         model_dir,
         arch,
         _Settings(
-            source, nsamples, seqlen, seed, device, memory_budget, BlockDtype.parse(dtype), progress
+            source, nsamples, seqlen, seed, device, memory_budget, block_precision(dtype), progress
         ),
         None,
         {"format": "forward"},
@@ -269,7 +275,7 @@ class _Settings:
     seed: int
     device: str
     memory_budget: int
-    dtype: BlockDtype
+    dtype: Precision
     progress: bool
 
 
@@ -291,7 +297,7 @@ def _open_stream(
         settings.source, tokenizer, settings.nsamples, seqlen, settings.seed
     )
     timings.tokens = tokens.numel()
-    if settings.dtype is not BlockDtype.FLOAT32:  # float32 records stay as they always were
+    if settings.dtype is not Precision.FLOAT32:  # float32 records stay as they always were
         identity = {**identity, "block_dtype": settings.dtype.value}
     record = {
         **record,
@@ -427,7 +433,7 @@ def signal_spectra(
     seed: int = 42,
     device: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    dtype: BlockDtype | str = BlockDtype.FLOAT32,
+    dtype: Precision | str = Precision.FLOAT32,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """The eigenvalues (descending) of every residual signal's covariance in the dense model,
@@ -438,7 +444,7 @@ def signal_spectra(
     model_dir = Path(model_dir)
     arch = load_architecture(model_dir)
     settings = _Settings(
-        source, nsamples, seqlen, seed, device, memory_budget, BlockDtype.parse(dtype), progress
+        source, nsamples, seqlen, seed, device, memory_budget, block_precision(dtype), progress
     )
     spectra = {}
     for name, covariance, _device in _unit_rms_signals(model_dir, arch, settings, "spectra"):
@@ -477,7 +483,7 @@ def signal_sensitivities(
     seed: int = 42,
     device: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    dtype: BlockDtype | str = BlockDtype.FLOAT32,
+    dtype: Precision | str = Precision.FLOAT32,
     progress: bool = True,
 ) -> SignalSensitivities:
     """Every residual signal's spectrum (as `signal_spectra`) and the loss sensitivity of
@@ -487,13 +493,13 @@ def signal_sensitivities(
 
     model_dir = Path(model_dir)
     arch = load_architecture(model_dir)
-    dtype = BlockDtype.parse(dtype)
+    dtype = block_precision(dtype)
     settings = _Settings(source, nsamples, seqlen, seed, device, memory_budget, dtype, progress)
     spectra, kept, device = {}, {}, None
     for name, covariance, device in _unit_rms_signals(model_dir, arch, settings, "sensitivity"):
         axes, spectra[name] = covariance.principal_axes(name)
         kept[name] = np.ascontiguousarray(axes[:, :width])
-    model, tokenizer = formats.load(model_dir, device=str(device), dtype=dtype.value)
+    model, tokenizer = formats.load(model_dir, device=str(device), dtype=dtype)
     tokens, _ = sampled_text(source, tokenizer, min(nsamples, SENSITIVITY_SAMPLES), seqlen, seed)
     weights = next(model.parameters()).dtype
     kept = {name: torch.from_numpy(axes).to(device, weights) for name, axes in kept.items()}

@@ -24,7 +24,7 @@ from dimcut.evaluation.record import (
     model_facts,
     write_results,
 )
-from dimcut.evaluation.run import DEFAULT_PPL_SOURCE, DTYPES, evaluate
+from dimcut.evaluation.run import DEFAULT_PPL_SOURCE, evaluate
 from dimcut.evaluation.tasks import (
     DEFAULT_TASKS,
     TASKS,
@@ -38,7 +38,6 @@ from dimcut.evaluation.tasks import (
 __all__ = [
     "DEFAULT_PPL_SOURCE",
     "DEFAULT_TASKS",
-    "DTYPES",
     "SCHEMA",
     "TASKS",
     "TaskRun",

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from dimcut.evaluation.record import format_summary, model_facts, write_results
-from dimcut.evaluation.run import DEFAULT_PPL_SOURCE, DTYPES, evaluate
+from dimcut.evaluation.run import DEFAULT_PPL_SOURCE, evaluate
 from dimcut.evaluation.tasks import (
     DEFAULT_TASKS,
     HUB_TASK_DATA,
@@ -16,7 +16,7 @@ from dimcut.evaluation.tasks import (
     TaskScorer,
     prepare_tasks,
 )
-from dimcut.runtime import Device
+from dimcut.runtime import Device, Precision
 
 DEFAULT_PPL_SEQLEN = 2048
 DEFAULT_SEED = 1234
@@ -112,8 +112,8 @@ def add_evaluation_arguments(parser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=DTYPES,
-        default="float32",
+        choices=Precision.values(),
+        default=Precision.FLOAT32.value,
         help="weights and activations of the evaluated model (default float32; on a CPU with "
         "AVX-512 BF16, bfloat16 evaluated Qwen-1.5B ≈ 1.6× faster, perplexity +0.1 %%)",
     )

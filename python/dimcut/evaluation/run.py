@@ -24,10 +24,9 @@ from dimcut.evaluation.record import (
     versions,
 )
 from dimcut.evaluation.tasks import DEFAULT_TASKS, TaskRun, TaskScorer, prepare_tasks
-from dimcut.runtime import torch_device
+from dimcut.runtime import Precision, torch_device
 from dimcut.tokenizers import load_tokenizer
 
-DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_PPL_SOURCE = data_sources.WIKI_OFFLINE
 
 
@@ -43,7 +42,7 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 1,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: Precision | str = Precision.FLOAT32,
     seed: int = 1234,
     label: str | None = None,
     scorer: TaskScorer | str = TaskScorer.SHARED_PREFIX,
@@ -63,8 +62,7 @@ def evaluate(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = Precision.parse(dtype, "dtype")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     scorer = TaskScorer(scorer)
@@ -152,6 +150,6 @@ def evaluate(
         "num_fewshot": 0,
         "batch_size": batch_size,
         "device": device,
-        "dtype": dtype,
+        "dtype": dtype.value,
         "wall_seconds": wall,
     }

@@ -6,7 +6,7 @@ import sys
 
 from dimcut.healing.adapters import LoraSettings
 from dimcut.healing.losses import Loss
-from dimcut.healing.run import DTYPES, HealOptions, heal, interrupted_hint
+from dimcut.healing.run import PRECISIONS, HealOptions, heal, interrupted_hint
 from dimcut.runtime import Device
 from dimcut.zoo import MODEL_HELP, resolve_model
 
@@ -102,8 +102,8 @@ def add_commands(subparsers) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--dtype",
-        choices=DTYPES,
-        default=DEFAULTS.dtype,
+        choices=[p.value for p in PRECISIONS],
+        default=DEFAULTS.dtype.value,
         help="weights of teacher and student while training (the output keeps the sliced "
         "model's dtypes)",
     )

@@ -16,7 +16,7 @@ import torch
 
 from dimcut.architectures import read_config
 from dimcut.healing.losses import topk_targets
-from dimcut.runtime import atomic_write
+from dimcut.runtime import Precision, atomic_write
 from dimcut.tokenizers import load_tokenizer
 
 TARGETS_FILE = "teacher-topk.safetensors"
@@ -70,7 +70,7 @@ def teacher_targets(
     topk: int,
     *,
     device: torch.device,
-    dtype: str,
+    dtype: Precision,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The teacher's top-k (log-probabilities, token ids) at every position but the last of
