@@ -17,24 +17,14 @@ CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
 PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
 TASKS="--ppl none --tasks arc_easy,piqa --limit 500 --batch-size 4"
 
-# measure PREFIX MODEL LABEL [eval options...]: the records PREFIX.{wiki,lambada,tasks}.json
-# that are missing.
-measure() {
-    local prefix=$1 model=$2 label=$3
-    shift 3
-    [ -f "$prefix.wiki.json" ] || dimcut eval "$model" --label "$label" --ppl wiki-offline $PPL "$@" -o "$prefix.wiki.json"
-    [ -f "$prefix.lambada.json" ] || dimcut eval "$model" --label "$label" --ppl lambada-offline $PPL "$@" -o "$prefix.lambada.json"
-    [ -f "$prefix.tasks.json" ] || dimcut eval "$model" --label "$label" $TASKS "$@" -o "$prefix.tasks.json"
-}
+source benches/measure.sh
 
 # cut NAME MODEL LABEL BUDGET FORMAT WIDTHS [eval options...]: slice at the budget, measure.
 cut() {
     local name=$1 model=$2 label=$3 budget=$4 fmt=$5 widths=$6
     shift 6
     local prefix=$B/$name-b$budget-$fmt-$widths out=$WORK/$name-b$budget-$fmt-$widths
-    if [ -f "$prefix.wiki.json" ] && [ -f "$prefix.lambada.json" ] && [ -f "$prefix.tasks.json" ]; then
-        return 0
-    fi
+    measured "$prefix" && return 0
     local rotations=()
     if [ "$fmt" = plain ]; then  # one plain calibration serves every budget
         local saved=$WORK/$name-plain-rotations

@@ -1,0 +1,16 @@
+# Sourced by the *_study.sh scripts: one cut's evaluation records, each written once.
+# measure PREFIX MODEL LABEL [eval options...]: the records PREFIX.{wiki,lambada,tasks}.json
+# that are missing — perplexity on wiki-offline's held-out part and on lambada-offline
+# ($PPL options), accuracy ($TASKS options); extra options go to all three.
+measure() {
+    local prefix=$1 model=$2 label=$3
+    shift 3
+    [ -f "$prefix.wiki.json" ] || dimcut eval "$model" --label "$label" --ppl wiki-offline $PPL "$@" -o "$prefix.wiki.json"
+    [ -f "$prefix.lambada.json" ] || dimcut eval "$model" --label "$label" --ppl lambada-offline $PPL "$@" -o "$prefix.lambada.json"
+    [ -f "$prefix.tasks.json" ] || dimcut eval "$model" --label "$label" $TASKS "$@" -o "$prefix.tasks.json"
+}
+
+# measured PREFIX: whether all three records of a cut exist.
+measured() {
+    [ -f "$1.wiki.json" ] && [ -f "$1.lambada.json" ] && [ -f "$1.tasks.json" ]
+}
