@@ -27,6 +27,7 @@ sweeps() {
     dimcut sweep $SMOL --sparsities $S -o $R/smollm2-slicegpt-variance --format slicegpt --widths variance $CALIB $TEXTS --tasks none
     dimcut sweep $QWEN --sparsities $S -o $R/qwen1.5b-slicegpt --format slicegpt $CALIB $TEXTS --tasks none
     dimcut sweep $SMOL --sparsities $PLAIN_S -o $R/smollm2-plain-raw --format plain --weighting raw $CALIB $TEXTS --tasks none
+    dimcut sweep $SMOL --sparsities $PLAIN_S -o $R/smollm2-plain-trace --format plain --weighting trace $CALIB $TEXTS --tasks none
     # Accuracy in bfloat16 (≈ 4× float32's speed on AVX512-BF16: ≈ 22 min per Qwen point), in
     # records of their own (`--ppl none`) that `dimcut fit` merges with the float32 perplexities
     # of the same cuts (same fingerprints). s = 0.25 first: the point both formats are compared at.
@@ -46,7 +47,7 @@ fits() {
     dimcut fit $(existing $R/qwen1.5b-slicegpt $R/qwen1.5b-slicegpt-tasks $R/smollm2-*) -o $OUT/fit.json --markdown $OUT/fit.md --plot $OUT/laws.png
     # 5: fitted on the small sparsities only, predicting the large ones.
     dimcut fit $(existing $R/qwen1.5b-slicegpt $R/qwen1.5b-slicegpt-tasks $R/smollm2-slicegpt $R/smollm2-slicegpt-variance $R/smollm2-slicegpt-sensitivity) --holdout 0.25,0.3,0.4 -o $OUT/holdout.json --markdown $OUT/holdout.md
-    dimcut fit $(existing $R/smollm2-plain-rms $R/smollm2-plain-raw) --holdout 0.375,0.5 -o $OUT/holdout-plain.json --markdown $OUT/holdout-plain.md
+    dimcut fit $(existing $R/smollm2-plain-rms $R/smollm2-plain-raw $R/smollm2-plain-trace) --holdout 0.375,0.5 -o $OUT/holdout-plain.json --markdown $OUT/holdout-plain.md
 }
 
 "${1:?usage: laws_study.sh sweeps|fits}"
