@@ -9,6 +9,7 @@ and MLP projections. In the `slicegpt` format the shortcut matrices can be train
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,9 +87,14 @@ def restore_trainable_state(wrapped, state: dict[str, torch.Tensor]) -> None:
             parameters[name].copy_(value)
 
 
-def merged_weights(wrapped, family: Family, num_layers: int, *, train_shortcuts: bool):
-    """Merge the adapters into the weights (W + (α/r)·B·A, peft's `merge_and_unload`); returns
-    the float32 arrays of every tensor that changed, by checkpoint tensor name."""
+def merged_weights(
+    wrapped, family: Family, num_layers: int, directory: Path, *, train_shortcuts: bool
+) -> dict[str, np.ndarray]:
+    """Merge the adapters into the weights (W + (α/r)·B·A, peft's `merge_and_unload`, in the
+    model's own dtype); returns every tensor that changed, by checkpoint tensor name, as a
+    read-only float32 memory map of a file in `directory`. Written one tensor at a time, so
+    memory holds the model and one float32 tensor, not a float32 copy of every linear (3.9 GB
+    for Qwen-1.5B at d = 1152), and the engine drops the maps' pages as it writes them."""
     merged = wrapped.merge_and_unload()
     state = merged.state_dict()
     names = [
@@ -98,4 +104,10 @@ def merged_weights(wrapped, family: Family, num_layers: int, *, train_shortcuts:
     ]
     if train_shortcuts:
         names += [f"model.layers.{i}.{s}" for i in range(num_layers) for s in SHORTCUTS]
-    return {name: np.ascontiguousarray(state[name].detach().float().numpy()) for name in names}
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for index, name in enumerate(names):
+        path = directory / f"{index}.npy"
+        np.save(path, state[name].detach().float().numpy())
+        arrays[name] = np.load(path, mmap_mode="r")
+    return arrays

@@ -38,6 +38,7 @@ from dimcut.tokenizers import load_tokenizer
 
 # float16 is left out: on a CPU its matmuls are slow, and training in it needs loss scaling.
 PRECISIONS = (Precision.FLOAT32, Precision.BFLOAT16)
+MERGED_DIR = "merged"  # in the state directory: the merged tensors on their way to OUT
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ def heal(
             wrapped,
             family,
             int(config["num_hidden_layers"]),
+            state_dir / MERGED_DIR,
             train_shortcuts=options.train_shortcuts,
         )
         _write_healed(sliced_dir, out_dir, config, merged, heal_record, overwrite, progress)
@@ -218,6 +220,7 @@ def heal(
                 shutil.rmtree(adapter_dir)  # only with overwrite (checked up front)
             staged_adapter.rename(adapter_dir)
     finally:
+        shutil.rmtree(state_dir / MERGED_DIR, ignore_errors=True)  # the checkpoint stays
         if staged_adapter is not None and staged_adapter.exists():
             shutil.rmtree(staged_adapter, ignore_errors=True)
     shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete: state is moot
