@@ -13,8 +13,6 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 B=docs/results/budgets
 WORK=${WORK:-bench-out/budgets}
-CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
-PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
 TASKS="--ppl none --tasks arc_easy,piqa --limit 500 --batch-size 4"
 
 source benches/measure.sh

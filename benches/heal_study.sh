@@ -14,9 +14,6 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 H=docs/results/heal
 WORK=${WORK:-bench-out/heal}
-CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
-PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
-
 source benches/measure.sh
 
 # healed NAME MODEL LABEL SPARSITY FORMAT [heal options...]: slice, heal on wiki-offline's train
@@ -50,7 +47,9 @@ qwen() {
     healed qwen-slicegpt-s25-healed qwen2.5-coder-1.5b Qwen2.5-Coder-1.5B 0.25 slicegpt --dtype bfloat16
 }
 
-# SmolLM2 at s = 0.25 with the shortcut matrices trained too, beside smol-slicegpt-s25-healed.
+# SmolLM2 at s = 0.25 with the shortcut matrices trained too (at --shortcut-lr's default 5e-5;
+# at the adapters' 5e-4 the KD loss diverged: smol-slicegpt-s25-healed-shortcuts-lr5e-4.loss.txt),
+# beside smol-slicegpt-s25-healed.
 shortcuts() {
     TASKS="--ppl none --tasks arc_easy,piqa,winogrande --limit 500 --batch-size 4"
     healed smol-slicegpt-s25-healed-shortcuts smollm2 SmolLM2-135M-Instruct 0.25 slicegpt --train-shortcuts

@@ -1,4 +1,10 @@
-# Sourced by the *_study.sh scripts: one cut's evaluation records, each written once.
+# Sourced by the *_study.sh scripts: their common protocol and one cut's evaluation records,
+# each written once.
+
+# Calibration 32 × 512 tokens of wiki-offline's train part; perplexity on 4 × 2048-token windows.
+CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
+PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
+
 # measure PREFIX MODEL LABEL [eval options...]: the records PREFIX.{wiki,lambada,tasks}.json
 # that are missing — perplexity on wiki-offline's held-out part and on lambada-offline
 # ($PPL options), accuracy ($TASKS options); extra options go to all three.

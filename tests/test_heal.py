@@ -250,6 +250,7 @@ def other_models(tmp_path_factory):
         ("text too short", "shorter than one sequence"),
         ("shortcuts of plain", "no shortcut matrices"),
         ("bad lr", "lr must be a positive number"),
+        ("bad shortcut lr", "shortcut_lr must be a positive number"),
         ("missing teacher", "no config.json"),
     ],
 )
@@ -273,6 +274,8 @@ def test_bad_input_is_refused_and_nothing_is_written(
         student, extra = sliced["plain"], ["--train-shortcuts"]
     elif case == "bad lr":
         extra = ["--lr", "-1"]
+    elif case == "bad shortcut lr":
+        extra = ["--train-shortcuts", "--shortcut-lr", "0"]
     elif case == "missing teacher":
         teacher = tmp_path / "nowhere"
     args = ["heal", student, "--teacher", teacher, "-o", tmp_path / "out", "--steps", "2", *extra]

@@ -94,6 +94,13 @@ def add_commands(subparsers) -> None:
         help="slicegpt format: train the shortcut matrices too (full matrices, not LoRA)",
     )
     train.add_argument(
+        "--shortcut-lr",
+        type=float,
+        default=DEFAULTS.shortcut_lr,
+        help="peak learning rate of the trained shortcut matrices; at the adapters' rate they "
+        f"diverged ({DEFAULTS.shortcut_lr:g})",
+    )
+    train.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute activations in the backward pass: less memory for long sequences and "
@@ -140,6 +147,7 @@ def _run_heal(args) -> int:
         topk=args.topk,
         lora=LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout),
         train_shortcuts=args.train_shortcuts,
+        shortcut_lr=args.shortcut_lr,
         data=args.data,
         seed=args.seed,
         dtype=args.dtype,
