@@ -261,16 +261,17 @@ class _Trainer:
     def __init__(self, wrapped, tokens, targets, options: HealOptions, device: torch.device):
         self.model, self.tokens, self.targets = wrapped, tokens, targets
         self.options, self.device = options, device
-        groups = {options.lr: [], options.shortcut_lr: []}
+        lora, shortcuts = [], []
         for name, parameter in wrapped.named_parameters():
             if parameter.requires_grad:
-                shortcut = name.rsplit(".", 1)[-1] in adapters.SHORTCUTS
-                groups[options.shortcut_lr if shortcut else options.lr].append(parameter)
-        self.parameters = [p for group in groups.values() for p in group]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": group, "lr": lr} for lr, group in groups.items() if group],
-            weight_decay=0.0,
-        )
+                is_shortcut = name.rsplit(".", 1)[-1] in adapters.SHORTCUTS
+                (shortcuts if is_shortcut else lora).append(parameter)
+        self.parameters = lora + shortcuts
+        groups = [
+            {"params": lora, "lr": options.lr},
+            {"params": shortcuts, "lr": options.shortcut_lr},
+        ]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
         warmup = max(1, options.steps // 20)
 
         def factor(step: int) -> float:
