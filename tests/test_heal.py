@@ -123,6 +123,7 @@ def test_heal_lowers_the_loss_and_perplexity_and_the_output_loads(
         assert type(model).__name__ == "LlamaForCausalLM"
     record = dimcut.evaluate(out, tasks=[], ppl=None)
     assert record["model"]["heal"]["loss"] == "kd"
+    assert "shortcut_lr" not in record["model"]["heal"]  # untrained shortcuts: their rate is moot
 
 
 def test_merged_weights_equal_the_base_plus_the_adapter_product(sliced, trained_llama, tmp_path):
@@ -157,6 +158,8 @@ def test_trained_shortcuts_change_and_reload(sliced, trained_llama, tmp_path):
     assert shortcuts and all(not torch.equal(old[n], new[n]) for n in shortcuts)
     model, _ = dimcut.load(tmp_path / "h")
     assert torch.equal(model.model.layers[0].attn_shortcut.detach(), new[shortcuts[0]])
+    heal = dimcut.evaluate(tmp_path / "h", tasks=[], ppl=None)["model"]["heal"]
+    assert heal["train_shortcuts"] is True and heal["shortcut_lr"] == options.shortcut_lr
 
 
 def test_a_healed_identity_slice_reproduces_the_teacher(trained_llama, tmp_path):

@@ -51,7 +51,10 @@ def _heal_facts(heal: dict | None) -> dict | None:
     if heal is None:
         return None
     keys = ("loss", "steps", "batch_size", "lr", "topk", "train_shortcuts", "final_loss")
-    return {"data": heal.get("data"), **{key: heal.get(key) for key in keys}}
+    facts = {"data": heal.get("data"), **{key: heal.get(key) for key in keys}}
+    if heal.get("train_shortcuts"):  # the shortcuts' own rate shapes the model only then
+        facts["shortcut_lr"] = heal.get("shortcut_lr")
+    return facts
 
 
 def overlaps_calibration(facts: dict, source_key: str) -> bool | None:
