@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 import dimcut
 from dimcut.architectures import load_architecture
+from dimcut.cli import main
 from helpers import SLICE, refuse, run_cli, slice_args, tree_hash
 from tiny_models import save_tiny_model
 
@@ -249,6 +250,29 @@ def test_sparsity_zero_is_the_rotation_only_check(pristine, tmp_path, capsys):
     assert "64 -> 64" in output
 
 
+@pytest.mark.parametrize(
+    ("fmt", "sparsity", "grows"), [("slicegpt", "0.125", True), ("plain", "0.25", False)]
+)
+def test_an_output_larger_than_its_input_is_warned_about(
+    pristine, tmp_path, capsys, fmt, sparsity, grows
+):
+    """A slicegpt cut's shortcut matrices outweigh a small cut: the command says so on stderr,
+    with the options that make the output smaller; a cut that shrinks the model says nothing."""
+    args = ["slice", pristine, "-o", tmp_path / "out", "--format", fmt, "--sparsity", sparsity]
+    assert main([str(a) for a in [*args, *SLICE[2:]]]) == 0
+    captured = capsys.readouterr()
+    before = dimcut.count_parameters(pristine)["total"]
+    after = dimcut.count_parameters(tmp_path / "out")
+    assert (after["total"] > before) is grows
+    if grows:
+        shortcuts = after["total"] - after["without_shortcuts"]
+        assert f"{after['total'] - before:,} more parameters than the input" in captured.err
+        assert f"shortcut matrices hold {shortcuts:,}" in captured.err
+        assert "--format plain" in captured.err and "--target-params" in captured.err
+    else:
+        assert "warning" not in captured.err and "fewer" in captured.out
+
+
 def test_existing_output_is_refused_and_untouched(pristine, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -467,37 +491,65 @@ def test_measured_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path
     }
 
 
-def test_sensitivities_match_gradients_taken_directly(trained_llama):
-    """The oracle: ½ mean over tokens of (g · δ)² at the embedding output and every layer
-    output but the last, from the stock model's own hidden states and autograd."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_sensitivities_match_gradients_taken_directly(trained_llama, tmp_path, tied):
+    """The oracle: ½ mean over tokens of (g · δ)² at every residual point (the embedding output,
+    after each attention and each layer), from the stock model's own residual stream and
+    autograd, whole in memory; the streamed backward holds one layer at a time."""
     import torch
 
     from dimcut.calibration import sampled_text
-    from dimcut.calibration.sensitivity import fisher_sensitivities
+    from dimcut.calibration.procedures import fisher_sensitivities
 
-    model, tokenizer = dimcut.load(trained_llama)
-    tokens, _ = sampled_text(None, tokenizer, 2, 48, 3)
-    width, full = 24, model.config.hidden_size
-    axes = {}
+    model_dir = trained_llama
+    if tied:  # the head is the embedding matrix: no lm_head tensor
+        model_dir = Path(shutil.copytree(trained_llama, tmp_path / "tied"))
+        config = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        for shard in model_dir.glob("*.safetensors"):
+            tensors = load_file(shard)
+            tensors.pop("lm_head.weight", None)
+            save_file(tensors, shard, metadata={"format": "pt"})
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            mapping = json.loads(index.read_text())
+            mapping["weight_map"].pop("lm_head.weight", None)
+            index.write_text(json.dumps(mapping))
+    model, tokenizer = dimcut.load(model_dir)
+    options = {"nsamples": 2, "seqlen": 48, "seed": 3}
+    tokens, _ = sampled_text(None, tokenizer, options["nsamples"], options["seqlen"], 3)
+    width, full, layers = 24, model.config.hidden_size, model.config.num_hidden_layers
     generator = torch.Generator().manual_seed(0)
-    names = ["Q.embedding", *(f"Q.{i}.{p}" for i in range(2) for p in ("mid", "out"))]
+    names = ["Q.embedding", *(f"Q.{i}.{p}" for i in range(layers) for p in ("mid", "out"))]
+    axes = {}
     for name in names:
         q, _ = torch.linalg.qr(torch.randn(full, full, generator=generator))
         axes[name] = q[:, :width].contiguous()
-    expected = dict.fromkeys(["Q.embedding", "Q.0.out"], 0.0)
+    # Each point is the input of the norm that reads it next.
+    readers = [
+        norm
+        for layer in model.model.layers
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+    readers.append(model.model.norm)
+    expected = dict.fromkeys(names, 0.0)
     for sequence in tokens:
+        seen: list[torch.Tensor] = []
+        hooks = [r.register_forward_pre_hook(lambda _m, a, s=seen: s.append(a[0])) for r in readers]
         batch = sequence[None]
-        output = model(batch, labels=batch, output_hidden_states=True)
-        states = {"Q.embedding": output.hidden_states[0], "Q.0.out": output.hidden_states[1]}
-        gradients = torch.autograd.grad(output.loss * (batch.shape[1] - 1), list(states.values()))
-        for (name, x), g in zip(states.items(), gradients, strict=True):
+        loss = model(batch, labels=batch).loss * (batch.shape[1] - 1)
+        for hook in hooks:
+            hook.remove()
+        gradients = torch.autograd.grad(loss, seen)
+        for name, x, g in zip(names, [x.detach() for x in seen], gradients, strict=True):
             delta = x - (x @ axes[name]) @ axes[name].T
             expected[name] += 0.5 * float(((g * delta).sum(-1) ** 2).sum())
     count = tokens.shape[0] * (tokens.shape[1] - 1)
-    measured = fisher_sensitivities(model, tokens, axes)
-    assert set(measured) == set(names)
+    kept = {name: a.numpy() for name, a in axes.items()}
+    measured, timings = fisher_sensitivities(model_dir, kept, **options, progress=False)
+    assert set(measured) == set(names) and timings.backward > 0
     for name, total in expected.items():
-        assert measured[name] == pytest.approx(total / count, rel=1e-4)
+        assert measured[name] == pytest.approx(total / count, rel=1e-5), name
 
 
 def test_direction_losses_spread_each_points_sensitivity():

@@ -67,6 +67,23 @@ class SliceResult:
     def effective_sparsity(self) -> float:
         return 1 - self.hidden_size / self.original_hidden_size
 
+    @property
+    def size_warning(self) -> str | None:
+        """Why the output has more parameters than the input and what makes it smaller, or None.
+
+        A slicegpt cut adds shortcut matrices and, on a tied-embedding model, an untied head:
+        at small sparsities that outweighs what the cut removes."""
+        before, after = self.parameters_before, self.parameters["total"]
+        if after <= before:
+            return None
+        shortcuts = after - self.parameters["without_shortcuts"]
+        cause = f"its shortcut matrices hold {shortcuts:,}" if shortcuts else "an untied head"
+        return (
+            f"the output has {after - before:,} more parameters than the input ({cause}); "
+            "--format plain (no shortcut matrices, a stock architecture) or --target-params 0.9 "
+            "(a parameter budget: the width is chosen to meet it) make it smaller"
+        )
+
     def summary(self) -> str:
         before, counts = self.parameters_before, self.parameters
 
@@ -99,8 +116,17 @@ class SliceResult:
                 f"variance kept    min {min(kept):.4f}, mean {sum(kept) / len(kept):.4f} "
                 f"(of {len(kept)} PCA signals, by the directions each keeps)"
             )
+        phases = [
+            f"{phase} {self.timings[key]:.1f} s"
+            for phase, key in (
+                ("widths", "widths"),
+                ("calibration", "total"),
+                ("rewrite", "rewrite"),
+            )
+            if key in self.timings
+        ]
         lines += [
-            f"wall time        {self.seconds:.1f} s",
+            f"wall time        {self.seconds:.1f} s ({', '.join(phases)})",
             f"peak memory      {self.peak_rss_bytes / 2**20:.0f} MiB (RSS)",
         ]
         return "\n".join(lines)
@@ -237,7 +263,9 @@ def slice_model(
     check_output_dir(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
+    widths_seconds = None
     if str(widths) in (VARIANCE, SENSITIVITY):
+        widths_started = time.perf_counter()
         fits = budget  # the budget, or the uniform cut's parameter count
         if fits is None:
             uniform = plan_widths(arch, fmt, width, slice_head)
@@ -258,6 +286,7 @@ def slice_model(
                 measured.spectra, measured.sensitivity, arch, width, round_to, slice_head
             )
         schedule = fitted_schedule(arch, fits, str(widths), candidate)
+        widths_seconds = time.perf_counter() - widths_started
     elif schedule_file is None:
         schedule = plan_widths(arch, fmt, width, slice_head)
     if rotations_file is not None:
@@ -315,6 +344,8 @@ def slice_model(
         shutil.rmtree(resume_dir, ignore_errors=True)  # the output is complete: state is moot
     _hooks.reached("written", 1)
     timings = {**found.timings, "rewrite": rewrite_seconds}
+    if widths_seconds is not None:
+        timings["widths"] = widths_seconds
     return SliceResult(
         output=out_dir,
         format=fmt.value,
@@ -622,6 +653,8 @@ def _run_slice(args) -> int:
             )
         raise
     print(result.summary())
+    if result.size_warning:
+        print(f"dimcut slice: warning: {result.size_warning}", file=sys.stderr)
     return 0
 
 

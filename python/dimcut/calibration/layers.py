@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dimcut._core import DimcutError
-from dimcut.architectures import EMBEDDING, Architecture
+from dimcut.architectures import EMBEDDING, FINAL_NORM, LM_HEAD, Architecture
 from dimcut.engine import TensorOp, rewrite_tensors
 from dimcut.runtime import Precision
 
@@ -83,6 +83,7 @@ class LayerRunner:
         with torch.device("meta"):
             skeleton = base_class(self.config)
         self.layer_class = type(skeleton.layers[0])
+        self.norm_class = type(skeleton.norm)
         rotary = type(skeleton.rotary_emb)(config=self.config).to(device)
         positions = torch.arange(seqlen, device=device)[None]
         probe = torch.zeros(1, seqlen, 1, device=device, dtype=self.dtype)
@@ -129,6 +130,41 @@ class LayerRunner:
             attention_mask=None,  # full-length sequences: SDPA applies the causal mask
         )
         return out.float()
+
+    def final_norm_and_head(self, tensors: dict) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The final norm (the stock class) and the head matrix (the embedding when tied) in
+        the runner's dtype. The head is converted a block of rows at a time, so no float32
+        copy of it is ever whole (an 8B head is 2.1 GB in float32)."""
+        norm = self.norm_class(self.arch.hidden_size, eps=self.config.rms_norm_eps)
+        weight = self.read([FINAL_NORM])[FINAL_NORM]
+        norm.weight = torch.nn.Parameter(torch.from_numpy(weight).to(self.device, self.dtype))
+        norm.weight.requires_grad_(False)
+        name = EMBEDDING if self.arch.tie_word_embeddings else LM_HEAD
+        head = torch.empty(self.arch.vocab_size, self.arch.hidden_size, dtype=self.dtype)
+        for start in range(0, self.arch.vocab_size, HEAD_ROWS):
+            rows = slice(start, min(start + HEAD_ROWS, self.arch.vocab_size))
+            head[rows] = read_rows(self.model_dir, name, rows, tensors)
+        return norm, head.to(self.device)
+
+
+# Rows of a head or embedding matrix read at once (8 MiB of float32 at 8B's width of 4096).
+HEAD_ROWS = 512
+
+
+def read_rows(model_dir: Path, name: str, rows: slice, tensors: dict) -> torch.Tensor:
+    """Rows of a checkpoint matrix as float32, refusing NaN or Inf; the shard is mapped only
+    while they are read."""
+    from safetensors import safe_open
+
+    _dtype, _shape, file = tensors[name]
+    with safe_open(str(model_dir / file), framework="pt") as handle:
+        values = handle.get_slice(name)[rows.start : rows.stop].float()
+    if not torch.isfinite(values).all():
+        raise DimcutError(
+            f"{model_dir / file}: tensor {name!r} contains NaN or Inf; dimcut refuses "
+            "non-finite weights"
+        )
+    return values
 
 
 def embed(model_dir: Path, tokens: torch.Tensor, tensors: dict) -> torch.Tensor:

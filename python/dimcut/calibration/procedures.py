@@ -15,7 +15,7 @@ import functools
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from dimcut.calibration.rotations import (
     RotationStore,
     model_fingerprint,
 )
-from dimcut.calibration.sensitivity import fisher_sensitivities
+from dimcut.calibration.sensitivity import streamed_fisher_sensitivities
 from dimcut.calibration.text import sampled_text
 from dimcut.plan import (
     PLAIN_ROTATION,
@@ -73,6 +73,7 @@ class Timings:
     covariance: float = 0.0
     eigh: float = 0.0
     activations: float = 0.0  # reading and writing the stored activations (disk when spilled)
+    backward: float = 0.0  # the sensitivity's backward pass (recomputed forward included)
     total: float = 0.0
     tokens: int = 0
 
@@ -111,6 +112,7 @@ class _Stream:
     timings: Timings
     resume: ResumeState | None
     bar: object
+    token_ids: torch.Tensor  # [sequences, seqlen]
 
     def batches(self, block: Block):
         """Token ranges: whole sequences for attention, any run of tokens for the MLP."""
@@ -281,9 +283,21 @@ class _Settings:
 
 @contextlib.contextmanager
 def _open_stream(
-    model_dir: Path, arch: Architecture, settings: _Settings, resume_dir, identity: dict
+    model_dir: Path,
+    arch: Architecture,
+    settings: _Settings,
+    resume_dir,
+    identity: dict,
+    *,
+    every_layer_input: bool = False,
+    bar_steps: int | None = None,
 ):
-    """Sample and embed the tokens, open the activation stores; yields (stream, record, stores)."""
+    """Sample and embed the tokens, open the activation stores; yields (stream, record, stores).
+
+    The stores are "hidden-0" (the embedding output) and "mid", "hidden-1" beside them when
+    resumable, and "hidden-1" … "hidden-L" with `every_layer_input` (the sensitivity's
+    backward reads every layer's input again). The progress bar counts layers, or
+    `bar_steps`."""
     from tqdm.auto import tqdm
 
     from dimcut.engine import inspect_checkpoint
@@ -317,14 +331,16 @@ def _open_stream(
         settings.dtype,
     )
     bar = tqdm(
-        total=arch.num_layers,
+        total=bar_steps or arch.num_layers,
         initial=done,
-        desc="calibrating",
+        desc=identity["format"] if bar_steps else "calibrating",
         unit="layer",
         disable=not settings.progress,
     )
     remove_dead_temporaries(Path(tempfile.gettempdir()), SPILL_PREFIX)
     names = ("hidden-0", "hidden-1", "mid") if resume else ("hidden-0", "mid")
+    if every_layer_input:
+        names = (*(f"hidden-{i}" for i in range(arch.num_layers + 1)), "mid")
     if done:
         _check_resumable(resume, tokens.numel() * arch.hidden_size * 4)
     budget = activation_budget(memory_budget) // len(names)
@@ -347,6 +363,7 @@ def _open_stream(
                 timings,
                 resume,
                 bar,
+                tokens,
             )
             if done == 0:
                 with timings.measure("embed"):
@@ -471,6 +488,7 @@ SENSITIVITY_SAMPLES = 8
 class SignalSensitivities:
     spectra: dict[str, np.ndarray]  # unit-RMS eigenvalues, descending (as `signal_spectra`)
     sensitivity: dict[str, float]  # estimated loss increase per token of cutting to `width`
+    timings: dict  # the sensitivity pass's (`Timings.as_dict`)
 
 
 def signal_sensitivities(
@@ -487,23 +505,65 @@ def signal_sensitivities(
     progress: bool = True,
 ) -> SignalSensitivities:
     """Every residual signal's spectrum (as `signal_spectra`) and the loss sensitivity of
-    cutting it to `width` alone (`sensitivity.fisher_sensitivities` on the first
-    `SENSITIVITY_SAMPLES` calibration sequences; the model is loaded whole for it)."""
-    from dimcut import formats
-
+    cutting it to `width` alone (`sensitivity.streamed_fisher_sensitivities` on the first
+    `SENSITIVITY_SAMPLES` calibration sequences, streamed one layer at a time)."""
     model_dir = Path(model_dir)
     arch = load_architecture(model_dir)
     dtype = block_precision(dtype)
     settings = _Settings(source, nsamples, seqlen, seed, device, memory_budget, dtype, progress)
-    spectra, kept, device = {}, {}, None
-    for name, covariance, device in _unit_rms_signals(model_dir, arch, settings, "sensitivity"):
+    spectra, kept = {}, {}
+    for name, covariance, _device in _unit_rms_signals(model_dir, arch, settings, "sensitivity"):
         axes, spectra[name] = covariance.principal_axes(name)
-        kept[name] = np.ascontiguousarray(axes[:, :width])
-    model, tokenizer = formats.load(model_dir, device=str(device), dtype=dtype)
-    tokens, _ = sampled_text(source, tokenizer, min(nsamples, SENSITIVITY_SAMPLES), seqlen, seed)
-    weights = next(model.parameters()).dtype
-    kept = {name: torch.from_numpy(axes).to(device, weights) for name, axes in kept.items()}
-    return SignalSensitivities(spectra, fisher_sensitivities(model, tokens, kept, progress))
+        kept[name] = axes[:, :width]
+    fewer = replace(settings, nsamples=min(nsamples, SENSITIVITY_SAMPLES))
+    sensitivity, timings = _fisher_sensitivities(model_dir, arch, fewer, kept)
+    return SignalSensitivities(spectra, sensitivity, timings.as_dict())
+
+
+def fisher_sensitivities(
+    model_dir: str | Path,
+    kept: dict[str, np.ndarray],
+    *,
+    source: str | None = None,
+    nsamples: int = SENSITIVITY_SAMPLES,
+    seqlen: int = 2048,
+    seed: int = 42,
+    device: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: Precision | str = Precision.FLOAT32,
+    progress: bool = True,
+) -> tuple[dict[str, float], Timings]:
+    """Per residual point (rotation name → its kept axes, D × d), the mean over the predicted
+    calibration tokens of ½ (g · δ)², g the loss gradient there and δ the part of the residual
+    outside the kept axes; streamed one layer at a time (`sensitivity`)."""
+    model_dir = Path(model_dir)
+    settings = _Settings(
+        source, nsamples, seqlen, seed, device, memory_budget, block_precision(dtype), progress
+    )
+    return _fisher_sensitivities(model_dir, load_architecture(model_dir), settings, kept)
+
+
+def _fisher_sensitivities(
+    model_dir: Path, arch: Architecture, settings: _Settings, kept: dict[str, np.ndarray]
+) -> tuple[dict[str, float], Timings]:
+    with _open_stream(
+        model_dir,
+        arch,
+        settings,
+        None,
+        {"format": "sensitivity"},
+        every_layer_input=True,
+        bar_steps=2 * arch.num_layers + 1,  # the forward, the head, the backward
+    ) as (stream, _record, stores):
+        device = stream.runner.device
+        axes = {
+            name: torch.from_numpy(np.asarray(a, np.float32)).to(device) for name, a in kept.items()
+        }
+        inputs = [stores[f"hidden-{i}"] for i in range(arch.num_layers + 1)]
+        sensitivity = streamed_fisher_sensitivities(
+            stream, inputs, stores["mid"], stream.token_ids, axes
+        )
+    return sensitivity, stream.timings
 
 
 def _accumulate(stream: _Stream, store: ActivationStore, covariance: Covariance) -> None:
