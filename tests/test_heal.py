@@ -162,6 +162,70 @@ def test_trained_shortcuts_change_and_reload(sliced, trained_llama, tmp_path):
     assert heal["train_shortcuts"] is True and heal["shortcut_lr"] == options.shortcut_lr
 
 
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):  # noqa: SIM115
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="no madvise")
+def test_the_students_frozen_weights_are_file_maps_released_after_use(tmp_path):
+    """Out of core: frozen weights stored in the training dtype are views of the shard, not
+    copies, and a training step leaves only the first layer's pages resident (its input needs
+    no gradient, so nothing marks the end of its backward); every other layer, the embedding
+    and the head are dropped as soon as the step is done with them. The model is wide enough
+    (MiB tensors) that the kernel's fault-around (64 KiB mapped around each page fault) is a
+    small allowance, not the whole model."""
+    from dimcut.healing import adapters, student
+    from dimcut.healing.losses import lm_loss
+
+    model_dir = save_tiny_model("llama", tmp_path / "wide", shard=None, hidden_size=512, layers=3)
+    model, shards = student.load_student(
+        model_dir, torch.device("cpu"), Precision.FLOAT32, trained=lambda _name: False
+    )
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert model.get_parameter(name).data_ptr() == shards.view(name).data_ptr()
+    config = json.loads((model_dir / "config.json").read_text())
+    wrapped = adapters.attach(
+        model, adapters.family_of(config), adapters.LoraSettings(), train_shortcuts=False
+    )
+    wrapped.train()
+    batch = torch.randint(0, config["vocab_size"], (1, 32))
+    lm_loss(wrapped(input_ids=batch, use_cache=False).logits, batch).backward()
+    first_layer = [n for n in shards.names() if n.startswith("model.layers.0.")]
+    first_layer_bytes = sum(shards.view(n).nbytes for n in first_layer)
+    fault_around = 2 * (len(first_layer) + 1) * 65536  # a window either side of each
+    everything = sum(shards.view(n).nbytes for n in shards.names())
+    resident = _mapped_rss((model_dir / "model.safetensors").resolve())
+    assert 0 < resident <= first_layer_bytes + fault_around < everything / 2, (
+        resident,
+        first_layer_bytes,
+    )
+    assert any(p.grad is not None for p in wrapped.parameters())
+    del wrapped, model
+    shards.close()
+
+
+def test_weights_stored_in_another_dtype_are_converted_copies(sliced):
+    from dimcut.healing import student
+
+    model, shards = student.load_student(
+        sliced["plain"], torch.device("cpu"), Precision.BFLOAT16, trained=lambda _name: False
+    )
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weight = model.get_parameter(name)
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, shards.view(name).to(torch.bfloat16))
+    assert weight.data_ptr() != shards.view(name).data_ptr()
+    shards.close()
+
+
 def test_a_healed_identity_slice_reproduces_the_teacher(trained_llama, tmp_path):
     """At s = 0 the student is the teacher rotated: the KD loss of the first step (before any
     update) is zero up to float32 rounding."""

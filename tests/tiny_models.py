@@ -77,13 +77,14 @@ def save_tiny_model(
     shard: str | None = "60KB",
     dtype=torch.float32,
     hidden_size: int = 64,
+    layers: int = 2,
 ) -> Path:
-    """A 2-layer checkpoint with the tokenizer: random weights with non-trivial norm scales (so
-    that norm fusion is exercised), sharded at `shard` (None: one file)."""
+    """A checkpoint (2 layers unless told) with the tokenizer: random weights with non-trivial
+    norm scales (so that norm fusion is exercised), sharded at `shard` (None: one file)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(family, hidden_size=hidden_size)
+    config = tiny_config(family, hidden_size=hidden_size, layers=layers)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

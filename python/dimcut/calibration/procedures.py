@@ -38,7 +38,7 @@ from dimcut.calibration.rotations import (
     RotationStore,
     model_fingerprint,
 )
-from dimcut.calibration.sensitivity import streamed_fisher_sensitivities
+from dimcut.calibration.sensitivity import HEAD_LOGITS, streamed_fisher_sensitivities
 from dimcut.calibration.text import sampled_text
 from dimcut.plan import (
     PLAIN_ROTATION,
@@ -267,6 +267,54 @@ def streamed_forward(
     return stream.timings
 
 
+def streamed_logits(
+    model_dir: str | Path,
+    tokens: torch.Tensor,
+    consume,
+    *,
+    device: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: Precision | str = Precision.FLOAT32,
+    progress: bool = True,
+) -> Timings:
+    """The dense model's logits at every position of `tokens` ([sequences, seqlen]), computed as
+    calibration streams the model (one half-layer resident, the residual stream float32 in the
+    activation stores) and handed over a block of flat token rows at a time as
+    `consume(rows, logits)`: the model is never whole in memory."""
+    model_dir = Path(model_dir)
+    arch = load_architecture(model_dir)
+    count, seqlen = tokens.shape
+    settings = _Settings(
+        None, count, seqlen, 0, device, memory_budget, block_precision(dtype), progress
+    )
+    with _open_stream(
+        model_dir,
+        arch,
+        settings,
+        None,
+        {"format": "teacher"},
+        bar_steps=arch.num_layers + 1,  # and the head
+        given_tokens=tokens,
+    ) as (stream, _record, stores):
+        for index in range(arch.num_layers):
+            stream.run_block(index, Block.ATTENTION, stores["hidden-0"], stores["mid"], None)
+            stream.run_block(index, Block.MLP, stores["mid"], stores["hidden-0"], None)
+            stream.bar.update()
+        with stream.timings.measure("read"):
+            norm, head = stream.runner.final_norm_and_head(stream.tensors)
+        step = max(1, HEAD_LOGITS // head.shape[0])
+        with torch.inference_mode():
+            for start in range(0, tokens.numel(), step):
+                rows = slice(start, min(start + step, tokens.numel()))
+                with stream.timings.measure("activations"):
+                    x = torch.from_numpy(stores["hidden-0"].read(rows)).to(head.device)
+                with stream.timings.measure("forward"):
+                    logits = torch.nn.functional.linear(norm(x.to(head.dtype)), head)
+                consume(rows, logits)
+        stream.bar.update()
+    return stream.timings
+
+
 @dataclass(frozen=True)
 class _Settings:
     """What to stream: the calibration text and where and how to compute."""
@@ -291,8 +339,10 @@ def _open_stream(
     *,
     every_layer_input: bool = False,
     bar_steps: int | None = None,
+    given_tokens: torch.Tensor | None = None,
 ):
-    """Sample and embed the tokens, open the activation stores; yields (stream, record, stores).
+    """Sample (or take `given_tokens`, [sequences, seqlen]) and embed the tokens, open the
+    activation stores; yields (stream, record, stores).
 
     The stores are "hidden-0" (the embedding output) and "mid", "hidden-1" beside them when
     resumable, and "hidden-1" … "hidden-L" with `every_layer_input` (the sensitivity's
@@ -306,10 +356,13 @@ def _open_stream(
     started = time.perf_counter()
     timings = Timings()
     tensors = inspect_checkpoint(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    tokens, record = sampled_text(
-        settings.source, tokenizer, settings.nsamples, seqlen, settings.seed
-    )
+    if given_tokens is None:
+        tokenizer = load_tokenizer(model_dir)
+        tokens, record = sampled_text(
+            settings.source, tokenizer, settings.nsamples, seqlen, settings.seed
+        )
+    else:
+        tokens, record = given_tokens, {}
     timings.tokens = tokens.numel()
     if settings.dtype is not Precision.FLOAT32:  # float32 records stay as they always were
         identity = {**identity, "block_dtype": settings.dtype.value}

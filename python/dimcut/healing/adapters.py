@@ -8,6 +8,7 @@ and MLP projections. In the `slicegpt` format the shortcut matrices can be train
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,26 +89,43 @@ def restore_trainable_state(wrapped, state: dict[str, torch.Tensor]) -> None:
 
 
 def merged_weights(
-    wrapped, family: Family, num_layers: int, directory: Path, *, train_shortcuts: bool
+    wrapped,
+    family: Family,
+    num_layers: int,
+    directory: Path,
+    *,
+    train_shortcuts: bool,
+    release: Callable[[list[str]], None] = lambda _names: None,
 ) -> dict[str, np.ndarray]:
-    """Merge the adapters into the weights (W + (α/r)·B·A, peft's `merge_and_unload`, in the
-    model's own dtype); returns every tensor that changed, by checkpoint tensor name, as a
-    read-only float32 memory map of a file in `directory`. Written one tensor at a time, so
-    memory holds the model and one float32 tensor, not a float32 copy of every linear (3.9 GB
-    for Qwen-1.5B at d = 1152), and the engine drops the maps' pages as it writes them."""
-    merged = wrapped.merge_and_unload()
-    state = merged.state_dict()
-    names = [
-        f"model.layers.{i}.{module}.weight"
-        for i in range(num_layers)
-        for module in target_modules(family)
+    """Every tensor that training changed, merged (W + (α/r)·B·A in the weight's own dtype, as
+    peft's merge adds it), by checkpoint tensor name, as a read-only float32 memory map of a file
+    in `directory`. The model is not modified (its frozen weights may be read-only file maps):
+    each merged tensor is made, written and its base's pages handed to `release` one at a time,
+    so memory holds one float32 tensor, not a float32 copy of every linear (3.9 GB for
+    Qwen-1.5B at d = 1152), and the engine drops the maps' pages as it writes them."""
+    model = wrapped.get_base_model()
+    modules = [
+        f"model.layers.{i}.{module}" for i in range(num_layers) for module in target_modules(family)
     ]
-    if train_shortcuts:
-        names += [f"model.layers.{i}.{s}" for i in range(num_layers) for s in SHORTCUTS]
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for index, name in enumerate(names):
-        path = directory / f"{index}.npy"
-        np.save(path, state[name].detach().float().numpy())
+
+    def save(name: str, value: torch.Tensor) -> None:
+        path = directory / f"{len(arrays)}.npy"
+        np.save(path, value.detach().float().cpu().numpy())
         arrays[name] = np.load(path, mmap_mode="r")
+
+    with torch.no_grad():
+        for module_name in modules:
+            lora = model.get_submodule(module_name)
+            weight = lora.get_base_layer().weight
+            merged = weight.clone()
+            for adapter in lora.active_adapters:
+                merged += lora.get_delta_weight(adapter).to(weight.dtype)
+            save(f"{module_name}.weight", merged)
+            release([f"{module_name}.weight"])
+        if train_shortcuts:
+            for i in range(num_layers):
+                for shortcut in SHORTCUTS:
+                    save(f"model.layers.{i}.{shortcut}", getattr(model.model.layers[i], shortcut))
     return arrays

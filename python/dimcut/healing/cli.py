@@ -8,7 +8,7 @@ from dimcut.healing.adapters import LoraSettings
 from dimcut.healing.losses import Loss
 from dimcut.healing.run import PRECISIONS, HealOptions, heal, interrupted_hint
 from dimcut.runtime import Device
-from dimcut.zoo import MODEL_HELP, resolve_model
+from dimcut.zoo import MODEL_HELP, REVISION_HELP, resolve_model
 
 DEFAULTS = HealOptions()
 
@@ -29,6 +29,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument(
         "--teacher", required=True, help="the dense model it was cut from. " + MODEL_HELP
     )
+    parser.add_argument("--revision", metavar="REV", help="of --teacher: " + REVISION_HELP)
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     data = parser.add_argument_group("training text")
     data.add_argument(
@@ -156,7 +157,7 @@ def _run_heal(args) -> int:
     try:
         result = heal(
             args.sliced,
-            resolve_model(args.teacher),
+            resolve_model(args.teacher, revision=args.revision, progress=not args.quiet),
             args.output,
             options,
             device=args.device,

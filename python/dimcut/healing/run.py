@@ -23,7 +23,7 @@ from dimcut.architectures import read_config
 from dimcut.calibration.text import sampled_text
 from dimcut.engine import TensorOp, inspect_checkpoint, rewrite_checkpoint
 from dimcut.evaluation.record import checkpoint_fingerprint
-from dimcut.healing import adapters, state, teacher
+from dimcut.healing import adapters, state, student, teacher
 from dimcut.healing.losses import Loss, kd_loss, lm_loss
 from dimcut.runtime import (
     DEFAULT_MEMORY_BUDGET,
@@ -95,11 +95,13 @@ class HealResult:
     final_loss: float
     seconds: float
     teacher_seconds: float
+    training_seconds: float
     peak_rss_bytes: int
     resumed_at: int = 0
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else float("nan")
+        trained = self.steps - self.resumed_at
         return "\n".join(
             [
                 f"healed model     {self.output} (format {self.format})",
@@ -111,7 +113,8 @@ class HealResult:
                 + (f", resumed at step {self.resumed_at})" if self.resumed_at else ")"),
                 (
                     f"wall time        {self.seconds:.1f} s ({rate:.0f} tokens/s; teacher "
-                    f"{self.teacher_seconds:.1f} s)"
+                    f"{self.teacher_seconds:.1f} s, training {self.training_seconds:.1f} s = "
+                    f"{self.training_seconds / max(trained, 1):.2f} s/step)"
                 ),
                 f"peak memory      {self.peak_rss_bytes / 2**20:.0f} MiB (RSS)",
             ]
@@ -190,14 +193,16 @@ def heal(
             targets = (values, indices)
 
     family = adapters.family_of(config)
-    model = _load_student(sliced_dir, torch_dev, options)
+    model, shards = _load_student(sliced_dir, torch_dev, options)
     torch.manual_seed(options.seed)  # the adapters' initial values, then LoRA dropout
     wrapped = adapters.attach(model, family, options.lora, train_shortcuts=options.train_shortcuts)
     trainer = _Trainer(wrapped, tokens, targets, options, torch_dev)
     resumed_at = 0
     if saved is not None:
         resumed_at = trainer.restore(saved)
+    training_started = time.perf_counter()
     trainer.train(state_dir, checkpoint_every, progress)
+    training_seconds = time.perf_counter() - training_started
 
     window, losses = state.LOSS_WINDOW, trainer.losses
     heal_record = {
@@ -218,7 +223,10 @@ def heal(
             int(config["num_hidden_layers"]),
             state_dir / MERGED_DIR,
             train_shortcuts=options.train_shortcuts,
+            release=shards.release,
         )
+        del wrapped, model, trainer  # the views of the file maps, before they close
+        shards.close()
         _write_healed(sliced_dir, out_dir, config, merged, heal_record, overwrite, progress)
         if staged_adapter is not None:
             if adapter_dir.exists():
@@ -239,18 +247,24 @@ def heal(
         final_loss=heal_record["final_loss"],
         seconds=time.perf_counter() - started,
         teacher_seconds=teacher_seconds,
+        training_seconds=training_seconds,
         peak_rss_bytes=peak_rss_bytes(),
         resumed_at=resumed_at,
     )
 
 
 def _load_student(sliced_dir: Path, device: torch.device, options: HealOptions):
-    from dimcut.formats import load
-
-    model, _ = load(sliced_dir, device=str(device), dtype=options.dtype)
+    """The student with its frozen weights mapped from the shards (`student`); trained
+    shortcut matrices are copies."""
+    trained = (
+        (lambda name: name.rsplit(".", 1)[-1] in adapters.SHORTCUTS)
+        if options.train_shortcuts
+        else (lambda _name: False)
+    )
+    model, shards = student.load_student(sliced_dir, device, options.dtype, trained=trained)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return model, shards
 
 
 class _Trainer:

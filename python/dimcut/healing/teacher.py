@@ -1,8 +1,9 @@
 """The dense teacher of `dimcut heal`: is it the sliced model's parent, and what it predicts.
 
 The teacher runs once, over every training sequence, before the student is loaded (so the two
-never share memory); its top-k next-token log-probabilities are kept in the heal state
-directory, where a resumed run finds them.
+never share memory), streamed half a layer at a time as calibration streams it; its top-k
+next-token log-probabilities are kept in the heal state directory, where a resumed run finds
+them.
 """
 
 from __future__ import annotations
@@ -74,23 +75,22 @@ def teacher_targets(
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The teacher's top-k (log-probabilities, token ids) at every position but the last of
-    `tokens` [N, L] (shapes [N, L − 1, k]), and the seconds it took."""
-    from tqdm.auto import tqdm
-
-    from dimcut.formats import load
+    `tokens` [N, L] (shapes [N, L − 1, k]), and the seconds it took. The teacher is streamed
+    half a layer at a time (`calibration.streamed_logits`), never loaded whole."""
+    from dimcut.calibration.procedures import streamed_logits
 
     started = time.perf_counter()
-    model, _ = load(teacher_dir, device=str(device), dtype=dtype)
     count, seqlen = tokens.shape
-    values = torch.empty(count, seqlen - 1, topk, dtype=torch.float32)
-    indices = torch.empty(count, seqlen - 1, topk, dtype=torch.int32)
-    with torch.inference_mode():
-        for row in tqdm(range(count), desc="teacher", unit="seq", disable=not progress):
-            logits = model(input_ids=tokens[row : row + 1].to(device), use_cache=False).logits
-            top_values, top_indices = topk_targets(logits[0, :-1], topk)
-            values[row], indices[row] = top_values.cpu(), top_indices.cpu()
-    del model
-    return values, indices, time.perf_counter() - started
+    values = torch.empty(count * seqlen, topk, dtype=torch.float32)
+    indices = torch.empty(count * seqlen, topk, dtype=torch.int32)
+
+    def keep(rows: slice, logits: torch.Tensor) -> None:
+        values[rows], indices[rows] = (t.cpu() for t in topk_targets(logits, topk))
+
+    streamed_logits(teacher_dir, tokens, keep, device=str(device), dtype=dtype, progress=progress)
+    shape = (count, seqlen, topk)
+    values, indices = values.view(shape)[:, :-1], indices.view(shape)[:, :-1]
+    return values.contiguous(), indices.contiguous(), time.perf_counter() - started
 
 
 def save_targets(path: Path, values: torch.Tensor, indices: torch.Tensor, key: str) -> None:
