@@ -392,7 +392,13 @@ def add_commands(subparsers) -> None:
             "llama-cpp-python (pip install 'dimcut[gguf]')."
         ),
     )
-    parser.add_argument("model", metavar="OUT", help="model directory (or a dimcut zoo alias)")
+    parser.add_argument(
+        "model",
+        metavar="OUT",
+        help="model directory, Hugging Face model ID ORG/NAME, or dimcut zoo alias (see "
+        "`dimcut slice --help`)",
+    )
+    parser.add_argument("--revision", metavar="REV", help=zoo.REVISION_HELP)
     parser.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
     parser.add_argument(
         "--outtype",
@@ -415,7 +421,7 @@ def add_commands(subparsers) -> None:
 def _run_export(args) -> int:
     try:
         result = export_gguf(
-            zoo.resolve_model(args.model, progress=not args.quiet),
+            zoo.resolve_model(args.model, progress=not args.quiet, revision=args.revision),
             args.gguf,
             args.outtype,
             converter=args.converter,

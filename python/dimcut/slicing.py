@@ -57,7 +57,8 @@ class SliceResult:
     peak_rss_bytes: int
     calibration: dict | None = None
     retained_variance: dict[str, float] = field(default_factory=dict)
-    # Seconds per phase: calibration's (see calibration.Timings) and the engine's "rewrite".
+    # Seconds per phase: calibration's (see calibration.Timings), the engine's "rewrite", and
+    # with measured widths "widths" (choosing them) and "sensitivity" (that pass's own phases).
     timings: dict = field(default_factory=dict)
     # With a parameter budget: the budget and what the next wider width would have needed.
     target_params: int | None = None
@@ -263,7 +264,7 @@ def slice_model(
     check_output_dir(model_dir, out_dir, overwrite)
     check_weights(arch, inspect_checkpoint(model_dir), model_dir)
     resume_dir = calibration.resume_dir_for(out_dir)
-    widths_seconds = None
+    widths_seconds, widths_timings = None, None
     if str(widths) in (VARIANCE, SENSITIVITY):
         widths_started = time.perf_counter()
         fits = budget  # the budget, or the uniform cut's parameter count
@@ -282,6 +283,7 @@ def slice_model(
             )
         else:
             measured = calibration.signal_sensitivities(model_dir, width, **signals)
+            widths_timings = measured.timings
             candidate = sensitivity_candidates(
                 measured.spectra, measured.sensitivity, arch, width, round_to, slice_head
             )
@@ -346,6 +348,8 @@ def slice_model(
     timings = {**found.timings, "rewrite": rewrite_seconds}
     if widths_seconds is not None:
         timings["widths"] = widths_seconds
+    if widths_timings is not None:  # the sensitivity pass's own phases (its backward)
+        timings["sensitivity"] = widths_timings
     return SliceResult(
         output=out_dir,
         format=fmt.value,
@@ -495,6 +499,7 @@ def add_commands(subparsers) -> None:
         "model",
         help=zoo.MODEL_HELP,
     )
+    parser.add_argument("--revision", metavar="REV", help=zoo.REVISION_HELP)
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--sparsity",
@@ -660,7 +665,7 @@ def _run_slice(args) -> int:
 
 def _slice_from_args(args) -> SliceResult:
     return slice_model(
-        zoo.resolve_model(args.model),
+        zoo.resolve_model(args.model, revision=args.revision, progress=not args.quiet),
         args.sparsity,
         args.output,
         target_params=args.target_params,

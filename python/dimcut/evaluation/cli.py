@@ -154,7 +154,7 @@ def add_commands(subparsers) -> None:
             "lm-eval task files, for the stock lm-eval command line."
         ),
     )
-    from dimcut.zoo import MODEL_HELP
+    from dimcut.zoo import MODEL_HELP, REVISION_HELP
 
     parser.add_argument(
         "model_dir",
@@ -162,6 +162,7 @@ def add_commands(subparsers) -> None:
         nargs="?",
         help=f"dense or dimcut-sliced checkpoint. {MODEL_HELP}. Optional with --write-tasks",
     )
+    parser.add_argument("--revision", metavar="REV", help=REVISION_HELP)
     add_evaluation_arguments(parser)
     parser.add_argument(
         "--device",
@@ -195,7 +196,7 @@ def _run_eval(args) -> int:
     if args.model_dir is None:
         raise ValueError("MODEL_DIR is required (only --write-tasks works without one)")
     record = evaluate(
-        resolve_model(args.model_dir),
+        resolve_model(args.model_dir, revision=args.revision),
         **evaluation_options(args),
         device=args.device,
         seed=args.seed,
@@ -224,7 +225,7 @@ def _write_tasks(args) -> int:
     prepared = prepare_tasks(tasks, args.task_data, directory)
     for task in prepared:
         print(f"wrote {directory / task.lm_eval_name}.yaml  ({task.name} from {task.data})")
-    model_dir = resolve_model(args.model_dir) if args.model_dir else None
+    model_dir = resolve_model(args.model_dir, revision=args.revision) if args.model_dir else None
     command = lm_eval_command(
         model_dir or "MODEL_DIR",
         [task.lm_eval_name for task in prepared],

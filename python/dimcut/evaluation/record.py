@@ -9,6 +9,7 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
+from dimcut.hub import model_label
 from dimcut.runtime import atomic_write_text
 
 SCHEMA = "dimcut.results/1"
@@ -21,7 +22,7 @@ def model_facts(model_dir: Path) -> dict:
     if block is None:
         width = config["hidden_size"]
         return {
-            "label": model_dir.resolve().name,
+            "label": model_label(model_dir),
             "format": "dense",
             "sparsity": 0.0,
             "effective_sparsity": 0.0,
@@ -34,7 +35,7 @@ def model_facts(model_dir: Path) -> dict:
     source_model = block.get("source_model")
     return {
         # The laws group results by the dense model a cut came from.
-        "label": Path(source_model).name if source_model else model_dir.resolve().name,
+        "label": model_label(source_model or model_dir),
         "format": block["format"],
         "sparsity": block.get("sparsity"),
         "effective_sparsity": block["effective_sparsity"],
