@@ -112,6 +112,28 @@ def test_bench_e2e_tiny_slices_verifies_and_times_every_phase(tmp_path, capsys):
     assert not checkpoint.with_name(checkpoint.name + "-sliced").exists()
 
 
+def test_bench_e2e_extras_run_the_sensitivity_slice_and_the_heal(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    argv = ["bench", "--suite", "e2e", "--preset", "tiny", "--nsamples", "2", "--seqlen", "32"]
+    argv += ["--extra", "heal,sensitivity", "--heal-steps", "3"]
+    assert main([*argv, "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["extras"] == ["sensitivity", "heal"] and report["heal_steps"] == 3
+    (run,) = report["runs"]
+    sensitivity, heal = run["contenders"]["sensitivity"], run["contenders"]["heal"]
+    assert sensitivity["hidden_size"] == PRESETS["tiny"].kept
+    assert sensitivity["phases"]["widths"] > sensitivity["phases"]["sensitivity"]["backward"] > 0
+    assert heal["steps"] == 3 and heal["tokens"] == 3 * 32
+    assert 0 < heal["training_seconds"] < heal["seconds"] and heal["teacher_seconds"] > 0
+    assert math.isclose(heal["seconds_per_step"], heal["training_seconds"] / 3)
+    assert heal["peak_rss_gib"] > 0
+    table = capsys.readouterr().out
+    assert "| 2 | sensitivity |" in table and "heal 3 steps of 32 tokens" in table
+    # Every output goes unless --keep: the checkpoint and its build record stay for reuse.
+    left = sorted(p.name for p in (tmp_path / "w").iterdir())
+    assert left == ["llama-d64-l2-v256", "llama-d64-l2-v256.json"]
+
+
 def test_bench_tokenizer_ids_fit_the_vocabulary(tmp_path):
     from transformers import AutoTokenizer
 

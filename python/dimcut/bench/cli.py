@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dimcut.bench.calibration import run_calibration
 from dimcut.bench.checkpoints import PRESETS
+from dimcut.bench.e2e import EXTRAS as E2E_EXTRAS
 from dimcut.bench.e2e import run_e2e
 from dimcut.bench.inference import format_inference, run_inference
 from dimcut.bench.report import format_table, passed, write_json
@@ -38,6 +39,16 @@ def layer_counts(value: str) -> list[int]:
     return counts
 
 
+def extra_contenders(value: str) -> list[str]:
+    names = [part for part in value.split(",") if part]
+    unknown = sorted(set(names) - set(E2E_EXTRAS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown e2e extras {unknown or value!r}; choose from {', '.join(E2E_EXTRAS)}"
+        )
+    return [name for name in E2E_EXTRAS if name in names]  # the heal runs last
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
@@ -54,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, help="vocabulary size (default: the preset's)")
     parser.add_argument(
         "--contenders", default=",".join(SLICING_CONTENDERS), help="comma list (slicing suite)"
+    )
+    parser.add_argument(
+        "--extra",
+        type=extra_contenders,
+        help="e2e: also run these after slice and forward, comma list of sensitivity (the slice "
+        "with --widths sensitivity) and heal (the uniform slice healed, --heal-steps steps)",
+    )
+    parser.add_argument(
+        "--heal-steps", type=int, default=2, help="e2e --extra heal: training steps (default 2)"
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per contender (median)")
     parser.add_argument(

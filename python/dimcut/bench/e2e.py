@@ -10,6 +10,13 @@ fresh subprocess so that its peak RSS (VmHWM) is its own:
              output (in another process, outside the slice's peak);
 - `forward`: `streamed_forward(checkpoint, nsamples, seqlen)`; its per-phase timings.
 
+With `--extra`, the cuts that need more than a forward, each in its own process too:
+
+- `sensitivity`: the same slice with `widths="sensitivity"` (the streamed Fisher backward picks
+             per-layer widths at the uniform cut's parameter count);
+- `heal`:    `heal` of the uniform slice, distilled from the checkpoint, `--heal-steps` steps of
+             `seqlen` tokens in bfloat16; its teacher and training time (per step) and peak RSS.
+
 Calibration's cost is projected to SliceGPT's 128×2048 tokens from a shorter run: the per-token
 phases (embed, forward, project, covariance, activations) scale linearly with the token count;
 eigh, the weight reads and the setup (tokenizer, sampling) do not.
@@ -79,7 +86,55 @@ def worker_verify(workdir: Path, params: dict) -> dict:
     return {"passed": report.ok, "checks": [asdict(check) for check in report.checks]}
 
 
+def worker_sensitivity(workdir: Path, params: dict) -> dict:
+    from dimcut.slicing import SENSITIVITY, slice_model
+
+    result, measured = measure(
+        params,
+        lambda: slice_model(
+            params["checkpoint"],
+            params["sparsity"],
+            params["sensitivity_output"],
+            nsamples=params["nsamples"],
+            seqlen=params["seqlen"],
+            calib=None,
+            memory_budget=params["memory_budget"],
+            progress=False,
+            widths=SENSITIVITY,
+        ),
+    )
+    return {**measured, "timings": result.timings, "hidden_size": result.hidden_size}
+
+
+def worker_heal(workdir: Path, params: dict) -> dict:
+    from dimcut.healing import HealOptions, heal
+    from dimcut.runtime import Precision
+
+    options = HealOptions(
+        steps=params["heal_steps"], seqlen=params["seqlen"], dtype=Precision.BFLOAT16
+    )
+    result, measured = measure(
+        params,
+        lambda: heal(
+            params["output"],
+            params["checkpoint"],
+            params["healed_output"],
+            options,
+            progress=False,
+        ),
+    )
+    return {
+        **measured,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "teacher_seconds": result.teacher_seconds,
+        "training_seconds": result.training_seconds,
+    }
+
+
 CONTENDERS = {"slice": worker_slice, "forward": worker_forward}
+# Run after those, on request (`--extra`): the heal trains the uniform slice's output.
+EXTRAS = {"sensitivity": worker_sensitivity, "heal": worker_heal}
 
 
 def project(timings: dict) -> float:
@@ -101,12 +156,28 @@ def contender_row(result: dict) -> dict:
     }
 
 
-def disk_needed(workdir: Path, shapes: list[Shape], tokens: int) -> int:
-    """Checkpoints not built yet, one output, and two spilled activation stores (an upper
-    bound: the memory budget keeps part of them in RAM)."""
+def heal_row(result: dict) -> dict:
+    trained = result["training_seconds"]
+    return {
+        "seconds": result["seconds"],
+        "steps": result["steps"],
+        "tokens": result["tokens"],
+        "teacher_seconds": result["teacher_seconds"],
+        "training_seconds": trained,
+        "seconds_per_step": trained / result["steps"],
+        "peak_rss_gib": result["peak_rss"] / 2**30,
+        "rss_before_gib": result["rss_before"] / 2**30,
+    }
+
+
+def disk_needed(workdir: Path, shapes: list[Shape], tokens: int, extras: list[str]) -> int:
+    """Checkpoints not built yet, one output (two more with the extras), and the spilled
+    activation stores (an upper bound: the memory budget keeps part of them in RAM): two, or one
+    per layer input for the sensitivity's backward."""
     unbuilt = sum(s.checkpoint_bytes() for s in shapes if not checkpoint_dir(workdir, s).is_dir())
     largest = max(s.checkpoint_bytes() for s in shapes)
-    return unbuilt + largest + 2 * tokens * shapes[0].hidden * 4
+    stores = max(s.layers for s in shapes) + 2 if "sensitivity" in extras else 2
+    return unbuilt + (1 + len(extras)) * largest + stores * tokens * shapes[0].hidden * 4
 
 
 def checkpoint_dir(workdir: Path, shape: Shape) -> Path:
@@ -120,7 +191,8 @@ def run_e2e(args, say=print) -> dict:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dimcut-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     tokens = args.nsamples * args.seqlen
-    free, need = shutil.disk_usage(workdir).free, disk_needed(workdir, shapes, tokens)
+    extras = args.extra or []
+    free, need = shutil.disk_usage(workdir).free, disk_needed(workdir, shapes, tokens, extras)
     if free < need:
         raise ValueError(
             f"{workdir}: {free / 1e9:.1f} GB free, the run needs ≈ {need / 1e9:.1f} GB"
@@ -137,13 +209,15 @@ def run_e2e(args, say=print) -> dict:
         "reference_tokens": REFERENCE_TOKENS,
         "projection": f"seconds(T) = {PROJECTION}",
         "memory_budget": memory_budget,
+        "extras": extras,
+        "heal_steps": args.heal_steps if "heal" in extras else None,
         "threads": args.threads,
         "machine": machine(),
         "runs": [],
     }
     try:
         for shape in shapes:
-            report["runs"].append(run_layers(workdir, shape, memory_budget, args, say))
+            report["runs"].append(run_layers(workdir, shape, memory_budget, extras, args, say))
     finally:
         if not args.workdir and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -151,10 +225,14 @@ def run_e2e(args, say=print) -> dict:
     return report
 
 
-def run_layers(workdir: Path, shape: Shape, memory_budget: int, args, say) -> dict:
-    """Build (or reuse) the checkpoint of `shape`, then slice, verify and forward it."""
+def run_layers(
+    workdir: Path, shape: Shape, memory_budget: int, extras: list[str], args, say
+) -> dict:
+    """Build (or reuse) the checkpoint of `shape`, then slice, verify and forward it, and run
+    the `extras`."""
     checkpoint = checkpoint_dir(workdir, shape)
     output = checkpoint.with_name(checkpoint.name + "-sliced")
+    outputs = [output] + [checkpoint.with_name(f"{checkpoint.name}-{extra}") for extra in extras]
     meta = ensure_checkpoint(checkpoint, shape, args.shard_size, tokenizer=True)
     say(
         f"{shape.layers} layers: checkpoint {meta['input_bytes'] / 1e9:.2f} GB in "
@@ -164,12 +242,17 @@ def run_layers(workdir: Path, shape: Shape, memory_budget: int, args, say) -> di
         "threads": args.threads,
         "checkpoint": str(checkpoint),
         "output": str(output),
+        "sensitivity_output": str(checkpoint.with_name(checkpoint.name + "-sensitivity")),
+        "healed_output": str(checkpoint.with_name(checkpoint.name + "-heal")),
+        "heal_steps": args.heal_steps,
         "sparsity": SPARSITY,
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "memory_budget": memory_budget,
     }
-    shutil.rmtree(output, ignore_errors=True)
+    for path in outputs:
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path.with_name(path.name + ".dimcut-heal"), ignore_errors=True)
     rows, verified = {}, None
     try:
         for name, worker in CONTENDERS.items():
@@ -182,9 +265,18 @@ def run_layers(workdir: Path, shape: Shape, memory_budget: int, args, say) -> di
                 rows[name]["hidden_size"] = result["hidden_size"]
                 verified = run_worker(worker_verify, workdir, params)
                 verified.pop("peak_rss")
+        for name in extras:
+            result = run_worker(EXTRAS[name], workdir, params)
+            rows[name] = heal_row(result) if name == "heal" else contender_row(result)
+            say(
+                f"  {name:7s} {result['seconds']:.1f} s, peak RSS {rows[name]['peak_rss_gib']:.2f} GiB"
+            )
+            if name == "sensitivity":
+                rows[name]["hidden_size"] = result["hidden_size"]
     finally:
         if not args.keep:
-            shutil.rmtree(output, ignore_errors=True)
+            for path in outputs:
+                shutil.rmtree(path, ignore_errors=True)
     calibration, forward = rows["slice"], rows["forward"]
     eigh = calibration["phases"]["eigh"]
     projected = calibration["projected_seconds"]

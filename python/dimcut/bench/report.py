@@ -87,6 +87,8 @@ def format_e2e(report: dict) -> str:
     rows = []
     for run in report["runs"]:
         for name, row in run["contenders"].items():
+            if "phases" not in row:  # the heal: its own line below
+                continue
             phases = row["phases"]
             rows.append(
                 [str(run["layers"]), name, f"{row['seconds']:.2f}"]
@@ -120,8 +122,16 @@ def format_e2e(report: dict) -> str:
             f"{run['projected_tokens_per_s_ratio']:.3f}), slice (calibration + rewrite + rest) "
             f"{run['projected_slice_seconds']:.0f} s; dimcut verify {verdict}"
         )
+        heal = run["contenders"].get("heal")
+        if heal:
+            lines.append(
+                f"  heal {heal['steps']} steps of {heal['tokens'] // heal['steps']} tokens "
+                f"(bfloat16): {heal['seconds']:.0f} s, teacher {heal['teacher_seconds']:.0f} s, "
+                f"training {heal['seconds_per_step']:.1f} s/step, peak RSS "
+                f"{heal['peak_rss_gib']:.2f} GiB"
+            )
     if len(report["runs"]) > 1:
-        for name in ("slice", "forward"):
+        for name in report["runs"][0]["contenders"]:
             peaks = ", ".join(
                 f"{run['layers']} layers {run['contenders'][name]['peak_rss_gib']:.2f} GiB"
                 for run in report["runs"]
