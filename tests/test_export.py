@@ -1,9 +1,10 @@
 """`dimcut export`: plain-format and dense checkpoints as GGUF, by llama.cpp's own converter.
 
 The refusals run always (they are decided before the converter is looked for). The conversions
-need a llama.cpp converter tree ($DIMCUT_LLAMA_CPP, or the one `dimcut export` fetched into the
-cache) and, to run the result, llama-cpp-python (`pip install 'dimcut[gguf]'`); without them
-they are skipped, saying which is missing.
+need a llama.cpp converter tree ($DIMCUT_LLAMA_CPP, the one `dimcut export` fetched into the
+cache, or fetched here when llama-cpp-python is installed) and, to run the result,
+llama-cpp-python (`pip install 'dimcut[gguf]'`, as CI does); without them they are skipped,
+saying which is missing.
 """
 
 from __future__ import annotations
@@ -68,15 +69,19 @@ def plain_llama(dense_llama) -> Path:
 
 @pytest.fixture(scope="module")
 def converter() -> export.Converter:
-    """A converter already on this machine: tests do not download the 77 MB sdist."""
-    wanted = export.installed_llama_cpp_version() or export.LLAMA_CPP_PYTHON
-    cached = zoo.default_cache_dir() / f"llama.cpp-{wanted}"
+    """$DIMCUT_LLAMA_CPP, else the cached tree; with llama-cpp-python installed (`dimcut[gguf]`,
+    as CI installs it) the converter is fetched from the same sdist like `dimcut export` does
+    (pip has it cached from the build), so the conversions run wherever the runtime does."""
+    wanted = export.installed_llama_cpp_version()
+    cached = zoo.default_cache_dir() / f"llama.cpp-{wanted or export.LLAMA_CPP_PYTHON}"
     try:
         return export.find_converter(os.environ.get(export.CONVERTER_ENV) or cached)
     except FileNotFoundError:
+        if wanted is not None:
+            return export.find_converter(progress=False)
         pytest.skip(
-            f"no llama.cpp converter: set ${export.CONVERTER_ENV} to a llama.cpp source tree, or "
-            "run `dimcut export` once to fetch it into the cache"
+            f"no llama.cpp converter: install 'dimcut[gguf]', set ${export.CONVERTER_ENV} to a "
+            "llama.cpp source tree, or run `dimcut export` once to fetch it into the cache"
         )
 
 
