@@ -21,7 +21,7 @@ def test_readme_is_short_and_holds_exactly_two_set_up_commands():
     text = README.read_text()
     assert len(text.splitlines()) <= 250
     set_up = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
-    commands = re.findall(r"```bash\n(.*?)\n```", set_up, re.S)
+    commands = re.findall(r"```bash\n(.*?)\n```", set_up, re.DOTALL)
     assert len(commands) == 2 and all("\n" not in command for command in commands)
     install, tests = commands
     assert "dimcut slice" in install and "--format plain" in install
