@@ -14,7 +14,7 @@ import dimcut
 from dimcut.calibration import calibration_documents, sample_sequences
 from helpers import tree_hash as dir_digest
 from slicegpt_oracle import slicegpt
-from tiny_models import FAMILY_CONFIGS, save_tiny_model, tiny_logits
+from tiny_models import FAMILY_CONFIGS, save_tiny_model, tiny_config, tiny_logits
 
 CALIB = {"nsamples": 4, "seqlen": 32, "seed": 3, "progress": False}
 # 64 tokens: one forward batch under any memory budget (the smallest batch is 64 tokens), so the
@@ -311,6 +311,23 @@ def test_streamed_forward_is_timed(llama):
     timings = dimcut.calibration.streamed_forward(llama, nsamples=2, seqlen=32, progress=False)
     assert timings.tokens == 64 and timings.total >= timings.forward > 0
     assert timings.eigh == 0 and timings.covariance == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_streamed_logits_equal_the_whole_model_logits(family, tmp_path):
+    """The heal's teacher is streamed half a layer at a time: the logits it hands over, a
+    block of token rows at a time, are the stock model's (every family; tied heads too)."""
+    model_dir = save_tiny_model(family, tmp_path / family)
+    tokens = token_batch(model_dir, n=3, length=20)
+    expected = tiny_logits(model_dir, tokens).reshape(-1, tiny_config(family).vocab_size)
+    got = torch.full_like(expected, float("nan"))
+
+    def keep(rows, logits):
+        got[rows] = logits
+
+    timings = dimcut.calibration.streamed_logits(model_dir, tokens, keep, progress=False)
+    assert timings.tokens == tokens.numel() and timings.forward > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("weighting", dimcut.Weighting.values())

@@ -34,6 +34,40 @@ class Format(Choice):
     PLAIN = "plain"  # one rotation, no shortcuts: a stock architecture of width d
 
 
+@enum.unique
+class Method(Choice):
+    """How a cut is made (`--method`, docs/commands/slice.md): the basis whose leading
+    directions a width cut keeps, or the depth cut it is contrasted with."""
+
+    PCA = "pca"  # principal axes of the residual stream (SliceGPT)
+    CHANNELS = "channels"  # the residual channels of largest unit-RMS energy: no rotation
+    RANDOM = "random"  # a seeded random orthogonal basis: the control
+    LAYERS = "layers"  # the decoder layers of lowest block influence removed (ShortGPT)
+
+
+# The formats each method writes. One basis for every layer, and a stock checkpoint with fewer
+# layers, are the plain format's kind of output; only PCA has per-layer rotations.
+METHOD_FORMATS = {
+    Method.PCA: (Format.SLICEGPT, Format.PLAIN),
+    Method.CHANNELS: (Format.PLAIN,),
+    Method.RANDOM: (Format.PLAIN,),
+    Method.LAYERS: (Format.PLAIN,),
+}
+
+
+def parse_method(method: Method | str, fmt: Format | str) -> Method:
+    """`method` as a member, refusing a format it does not write."""
+    method, fmt = Method.parse(method, "method"), Format.parse(fmt, "format")
+    if fmt not in METHOD_FORMATS[method]:
+        allowed = " or ".join(f.value for f in METHOD_FORMATS[method])
+        raise ValueError(
+            f"method {method.value}: works with format {allowed} only (--method "
+            f"{method.value} --format {allowed}: one basis for every layer, a stock "
+            f"checkpoint), not format {fmt.value}"
+        )
+    return method
+
+
 # Tensors that stock checkpoints sometimes carry but models recompute.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

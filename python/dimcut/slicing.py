@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dimcut import _hooks, calibration, formats, zoo
+from dimcut import _hooks, calibration, depth, formats, zoo
 from dimcut.architectures import check_weights, load_architecture, sliced_width
 from dimcut.engine import inspect_checkpoint, rewrite_checkpoint
 from dimcut.plan import (
     Format,
+    Method,
     Widths,
     model_ops,
+    parse_method,
     plan_rotation_names,
     plan_widths,
     retained_widths,
@@ -63,9 +65,17 @@ class SliceResult:
     # With a parameter budget: the budget and what the next wider width would have needed.
     target_params: int | None = None
     next_width_parameters: int | None = None
+    method: str = Method.PCA.value
+    # A depth cut (`--method layers`): (layers kept, layers before), the removed layers' indices
+    # and every layer's block influence.
+    layers: tuple[int, int] | None = None
+    removed_layers: list[int] = field(default_factory=list)
+    block_influence: list[float] = field(default_factory=list)
 
     @property
     def effective_sparsity(self) -> float:
+        if self.layers is not None:
+            return 1 - self.layers[0] / self.layers[1]
         return 1 - self.hidden_size / self.original_hidden_size
 
     @property
@@ -92,23 +102,37 @@ class SliceResult:
             delta = 100 * (after / before - 1)
             return f"{after:,} ({abs(delta):.1f}% {'more' if delta > 0 else 'fewer'})"
 
+        how = f"format {self.format}"
+        if self.method != Method.PCA.value:
+            how += f", method {self.method}"
+        shape = (
+            f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
+            f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})"
+        )
+        if self.layers is not None:
+            removed = ", ".join(
+                f"{i} (BI {self.block_influence[i]:.4f})" for i in self.removed_layers
+            )
+            shape = (
+                f"layers           {self.layers[1]} -> {self.layers[0]} "
+                f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f}); "
+                f"removed {removed or 'none'}"
+            )
         lines = [
-            f"sliced model     {self.output} (format {self.format})",
-            (
-                f"hidden size      {self.original_hidden_size} -> {self.hidden_size} "
-                f"(sparsity {self.sparsity:g}, effective {self.effective_sparsity:.4f})"
-            ),
+            f"sliced model     {self.output} ({how})",
+            shape,
             f"parameters       {before:,} -> {change(counts['total'])}",
             f"  w/o shortcuts  {change(counts['without_shortcuts'])}",
         ]
         if self.target_params is not None:
+            size = "number of layers" if self.layers else "width"
             bound = (
-                f"the next width up would have {self.next_width_parameters:,}"
+                f"the next {size} up would have {self.next_width_parameters:,}"
                 if self.next_width_parameters is not None
-                else "met at full width"
+                else ("met with every layer" if self.layers else "met at full width")
             )
             lines.append(
-                f"budget           {self.target_params:,} parameters: the width was chosen by "
+                f"budget           {self.target_params:,} parameters: the {size} was chosen by "
                 f"it ({bound})"
             )
         if self.retained_variance:
@@ -207,8 +231,14 @@ def slice_model(
     weighting: calibration.Weighting | str = calibration.DEFAULT_WEIGHTING,
     widths: str | Path = UNIFORM,
     calib_dtype: Precision | str = Precision.FLOAT32,
+    method: Method | str = Method.PCA,
 ) -> SliceResult:
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
+
+    `method` makes the basis whose first d directions are kept: "pca" (SliceGPT), or for the
+    plain format "channels" (the d residual channels of largest energy: no rotation) or
+    "random" (a random rotation from `seed`, the control); "layers" cuts depth instead — the
+    fraction s of the decoder layers with the lowest block influence is removed (`depth`).
 
     Instead of a sparsity, `target_params` sets a parameter budget — a fraction of the dense
     model's parameters (≤ 10) or a count — and the width is the largest whose output (head and
@@ -231,8 +261,24 @@ def slice_model(
     """
     started = time.perf_counter()
     fmt = Format.parse(fmt)
+    method = parse_method(method, fmt)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     arch = load_architecture(model_dir)
+    if method in UNCALIBRATED_METHODS:
+        reused = [
+            option
+            for option, value in (
+                ("rotations", rotations_file),
+                ("save_rotations", save_rotations),
+                ("resume", resume),
+            )
+            if value
+        ]
+        if reused:
+            raise ValueError(
+                f"method {method.value}: {reused[0]} (--{reused[0].replace('_', '-')}) keeps "
+                "or reuses calibrated rotations, and this method makes none"
+            )
     budget = next_count = None
     schedule_file = None if str(widths) in (UNIFORM, VARIANCE, SENSITIVITY) else Path(widths)
     if schedule_file is not None:
@@ -246,6 +292,15 @@ def slice_model(
     if str(widths) != UNIFORM and fmt is not Format.SLICEGPT:
         raise ValueError(
             f"widths {widths}: per-layer widths need the slicegpt format (plain has one width)"
+        )
+    signals = {
+        "source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+        "device": device, "memory_budget": memory_budget, "dtype": calib_dtype,
+        "progress": progress,
+    }  # fmt: skip
+    if method is Method.LAYERS:
+        return _cut_layers(
+            model_dir, out_dir, arch, sparsity, target_params, signals, overwrite, started
         )
     if schedule_file is not None:
         schedule = read_schedule(schedule_file, arch)
@@ -271,11 +326,6 @@ def slice_model(
         if fits is None:
             uniform = plan_widths(arch, fmt, width, slice_head)
             fits = formats.planned_parameters(arch, fmt, uniform)["total"]
-        signals = {
-            "source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-            "device": device, "memory_budget": memory_budget, "dtype": calib_dtype,
-            "progress": progress,
-        }  # fmt: skip
         if str(widths) == VARIANCE:
             spectra = calibration.signal_spectra(model_dir, **signals)
             candidate = functools.partial(
@@ -291,8 +341,12 @@ def slice_model(
         widths_seconds = time.perf_counter() - widths_started
     elif schedule_file is None:
         schedule = plan_widths(arch, fmt, width, slice_head)
-    if rotations_file is not None:
-        found = calibration.load_rotations(rotations_file, arch, fmt, schedule, model_dir=model_dir)
+    if method is Method.RANDOM:
+        found = calibration.random_basis(arch.hidden_size, arch.num_layers, seed)
+    elif rotations_file is not None:
+        found = calibration.load_rotations(
+            rotations_file, arch, fmt, schedule, model_dir=model_dir, method=method
+        )
     else:
         found = calibration.calibrate(
             model_dir,
@@ -311,6 +365,7 @@ def slice_model(
             rotations_dir=out_dir.parent,
             weighting=weighting,
             schedule=None if schedule == plan_widths(arch, fmt, width, slice_head) else schedule,
+            method=method,
         )
     try:
         if save_rotations is not None and rotations_file is None:
@@ -321,7 +376,9 @@ def slice_model(
             "widths": str(widths) if schedule_file is None else str(schedule_file.resolve()),
             "round_to": round_to,
             "source_model": str(model_dir.resolve()),
-            "rotation_source": str(rotations_file) if rotations_file else "calibration",
+            "rotation_source": str(rotations_file)
+            if rotations_file
+            else ("seed" if method is Method.RANDOM else "calibration"),
             "calibration": found.record,
         }
         rewrite_started = time.perf_counter()
@@ -367,6 +424,85 @@ def slice_model(
         timings=timings,
         target_params=budget,
         next_width_parameters=next_count,
+        method=method.value,
+    )
+
+
+# Methods that calibrate no rotation: `--rotations`, `--save-rotations` and `--resume` refused.
+UNCALIBRATED_METHODS = (Method.RANDOM, Method.LAYERS)
+
+
+def _cut_layers(
+    model_dir: Path,
+    out_dir: Path,
+    arch,
+    sparsity: float | None,
+    target_params: float | None,
+    signals: dict,
+    overwrite: bool,
+    started: float,
+) -> SliceResult:
+    """`--method layers`: every layer's block influence on the calibration text, the layers of
+    lowest influence removed (`depth`); s is the fraction of layers removed."""
+    tensors = inspect_checkpoint(model_dir)
+    budget = next_count = None
+    if target_params is not None:
+        budget = parameter_budget(target_params, formats.count_parameters(model_dir)["total"])
+        keep, next_count = depth.budget_layers(arch, tensors, budget)
+        sparsity = 1 - keep / arch.num_layers
+    else:
+        keep = depth.kept_layer_count(arch.num_layers, sparsity)
+    check_output_dir(model_dir, out_dir, overwrite)
+    check_weights(arch, tensors, model_dir)
+    influence, record, timings = calibration.block_influence(model_dir, **signals)
+    removed = depth.removed_layers(influence, keep)
+    provenance = {
+        "version": package_version(),
+        "format": Format.PLAIN.value,
+        "hidden_size": arch.hidden_size,
+        "original_hidden_size": arch.hidden_size,
+        "num_layers": keep,
+        "original_num_layers": arch.num_layers,
+        "effective_sparsity": 1 - keep / arch.num_layers,
+        "sparsity": sparsity,
+        "target_params": budget,
+        "removed_layers": removed,
+        "block_influence": influence,
+        "source_model": str(model_dir.resolve()),
+        "calibration": record,
+    }
+    rewrite_started = time.perf_counter()
+    depth.write_pruned_model(
+        model_dir,
+        out_dir,
+        arch,
+        tensors,
+        removed,
+        provenance,
+        overwrite=overwrite,
+        memory_budget=signals["memory_budget"],
+        progress=signals["progress"],
+    )
+    rewrite_seconds = time.perf_counter() - rewrite_started
+    _hooks.reached("written", 1)
+    return SliceResult(
+        output=out_dir,
+        format=Format.PLAIN.value,
+        sparsity=sparsity,
+        hidden_size=arch.hidden_size,
+        original_hidden_size=arch.hidden_size,
+        parameters_before=formats.count_parameters(model_dir)["total"],
+        parameters=formats.count_parameters(out_dir),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        calibration=record,
+        timings={**timings.as_dict(), "rewrite": rewrite_seconds},
+        target_params=budget,
+        next_width_parameters=next_count,
+        method=Method.LAYERS.value,
+        layers=(keep, arch.num_layers),
+        removed_layers=removed,
+        block_influence=influence,
     )
 
 
@@ -516,6 +652,19 @@ def add_commands(subparsers) -> None:
         "shortcut matrices counted — fits in it",
     )
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
+    parser.add_argument(
+        "--method",
+        choices=Method.values(),
+        default=Method.PCA.value,
+        help="how the cut is made. pca: keep the principal axes of the residual stream "
+        "(SliceGPT; default). channels: keep the d residual channels of largest unit-RMS "
+        "energy, no rotation (Minitron's channel importance). random: a random rotation from "
+        "--seed, the control (no calibration). layers: remove the fraction s of whole decoder "
+        "layers with the lowest block influence 1 - cos(layer input, output) on the "
+        "calibration text (ShortGPT), hidden size unchanged. channels, random and layers need "
+        "--format plain (their output is a stock checkpoint); random and layers take no "
+        "--rotations, --save-rotations or --resume",
+    )
     add_cut_arguments(parser, seqlen_alias=True)
     parser.add_argument(
         "--device", default="auto", choices=Device.values(), help="where calibration runs"
@@ -678,4 +827,5 @@ def _slice_from_args(args) -> SliceResult:
         precision=args.precision,
         progress=not args.quiet,
         resume=args.resume,
+        method=args.method,
     )

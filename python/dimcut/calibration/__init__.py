@@ -4,20 +4,24 @@ Modules, in the order data flows: `text` (sampling) → `layers` (streaming the 
 blocks) → `activations` (where the signals live between layers) → `pca` (covariances, eigh) →
 `rotations` (the on-disk rotation store, `--save-rotations`/`--rotations`) → `resume`
 (per-layer checkpoints) → `sensitivity` (the loss sensitivity of each residual point, one
-backward pass) → `procedures` (the slicegpt and plain procedures, spectra and sensitivities
-for per-layer widths).
+backward pass) → `bases` (the plain format's basis by `--method`: PCA, channels, random) →
+`procedures` (the slicegpt and plain procedures, spectra and sensitivities for per-layer
+widths, the block influence of `--method layers`).
 """
 
+from dimcut.calibration.bases import random_basis
 from dimcut.calibration.layers import BLOCK_PRECISIONS, block_precision
 from dimcut.calibration.pca import Weighting
 from dimcut.calibration.procedures import (
     DEFAULT_WEIGHTING,
     SignalSensitivities,
     Timings,
+    block_influence,
     calibrate,
     signal_sensitivities,
     signal_spectra,
     streamed_forward,
+    streamed_logits,
 )
 from dimcut.calibration.resume import STATE_FILE, resume_dir_for
 from dimcut.calibration.rotations import (
@@ -44,11 +48,13 @@ __all__ = [
     "SignalSensitivities",
     "Timings",
     "Weighting",
+    "block_influence",
     "block_precision",
     "calibrate",
     "calibration_documents",
     "load_rotations",
     "model_fingerprint",
+    "random_basis",
     "resume_dir_for",
     "sample_sequences",
     "sampled_text",
@@ -56,4 +62,5 @@ __all__ = [
     "signal_sensitivities",
     "signal_spectra",
     "streamed_forward",
+    "streamed_logits",
 ]

@@ -47,14 +47,17 @@ class Covariance:
 
     def principal_axes(self, what: str = "a signal") -> tuple[np.ndarray, np.ndarray]:
         """Eigenvectors (columns) sorted by descending eigenvalue, and the eigenvalues."""
+        self.check_finite(what)
+        values, vectors = _eigh(self.matrix)
+        # eigh returns ascending order
+        return vectors.flip(-1).cpu().numpy(), values.flip(-1).clamp_min(0).cpu().numpy()
+
+    def check_finite(self, what: str) -> None:
         if not torch.isfinite(self.matrix).all():
             raise DimcutError(
                 f"calibration: {what} has NaN or Inf activations; the model's weights or the "
                 "calibration text overflow (check the checkpoint for non-finite weights)"
             )
-        values, vectors = _eigh(self.matrix)
-        # eigh returns ascending order
-        return vectors.flip(-1).cpu().numpy(), values.flip(-1).clamp_min(0).cpu().numpy()
 
     def spectrum(self) -> np.ndarray:
         """The eigenvalues alone, descending (cheaper than `principal_axes`)."""

@@ -29,6 +29,7 @@ from dimcut.calibration.activations import (
     ActivationStore,
     remove_dead_temporaries,
 )
+from dimcut.calibration.bases import CALIBRATED_BASES
 from dimcut.calibration.layers import Block, LayerRunner, block_precision, embed
 from dimcut.calibration.pca import Covariance, Weighting
 from dimcut.calibration.resume import ResumeState
@@ -43,8 +44,10 @@ from dimcut.calibration.text import sampled_text
 from dimcut.plan import (
     PLAIN_ROTATION,
     Format,
+    Method,
     RotationNames,
     Widths,
+    parse_method,
     plan_rotation_names,
     plan_widths,
 )
@@ -128,9 +131,11 @@ class _Stream:
         target: ActivationStore,
         covariance: Covariance | None,
         project: Projector | None = None,
+        observe=None,
     ) -> None:
         """target ← x + f(x) for every token, x = P·source (`project`, or the identity),
-        accumulating the covariance of the result."""
+        accumulating the covariance of the result. `observe(rows, result)` sees each batch
+        before it is written, while `target` still holds those rows' previous values."""
         timings, device, width = self.timings, self.runner.device, self.arch.hidden_size
         with timings.measure("read"):
             layer = self.runner.block(index, block, self.tensors)
@@ -149,6 +154,8 @@ class _Stream:
                 if covariance is not None:
                     with timings.measure("covariance"):
                         covariance.add(residual)
+                if observe is not None:
+                    observe(rows, residual)
                 with timings.measure("activations"):
                     target.write(rows, residual.float().cpu().numpy())
         del layer
@@ -180,13 +187,15 @@ def calibrate(
     rotations_dir: str | Path | None = None,
     weighting: Weighting | str = DEFAULT_WEIGHTING,
     schedule: Widths | None = None,
+    method: Method | str = Method.PCA,
 ) -> Calibrated:
     """Compute the rotations of `fmt` for slicing `model_dir` to `width` (slicegpt: or to the
     per-layer widths of `schedule`).
 
     Rotations are written as they are made into a `RotationStore`: in `resume_dir` when given
     (kept), else in a temporary directory inside `rotations_dir` (removed by
-    `Calibrated.close()`). `weighting` applies to the plain format's one rotation. With
+    `Calibrated.close()`). `weighting` applies to the plain format's one rotation, `method`
+    (pca, or channels for the plain format: `bases.CALIBRATED_BASES`) makes it. With
     `resume_dir`, the state after every decoder layer is kept and a
     later call with the same arguments continues after the last completed layer; the result is
     bit-identical to an uninterrupted run.
@@ -199,8 +208,16 @@ def calibrate(
     if schedule is not None:
         identity["widths"] = schedule.as_list()
     weighting = Weighting.parse(weighting)
+    method = Method.parse(parse_method(method, fmt).value, "method", CALIBRATED_BASES)
+    if method is Method.CHANNELS and weighting is not Weighting.RMS:
+        raise ValueError(
+            f"method channels ranks the channels by their unit-RMS energy (weighting rms): "
+            f"weighting {weighting.value} does not apply"
+        )
     if fmt is Format.PLAIN:
         identity["weighting"] = weighting.value
+    if method is not Method.PCA:  # PCA records stay as they always were
+        identity["method"] = method.value
     with _open_stream(
         model_dir,
         arch,
@@ -220,7 +237,7 @@ def calibrate(
             store = RotationStore.create_temporary(parent)
         try:
             if fmt is Format.PLAIN:
-                _calibrate_plain(stream, stores, store, weighting)
+                _calibrate_plain(stream, stores, store, weighting, method)
             else:
                 _calibrate_sequential(stream, stores, store, widths)
         except BaseException:
@@ -265,6 +282,48 @@ def streamed_forward(
             stream.run_block(index, Block.MLP, stores["mid"], stores["hidden-0"], None)
             stream.layer_done(index + 1, stores["hidden-0"])
     return stream.timings
+
+
+def block_influence(
+    model_dir: str | Path,
+    *,
+    source: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 42,
+    device: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    dtype: Precision | str = Precision.FLOAT32,
+    progress: bool = True,
+) -> tuple[list[float], dict, Timings]:
+    """ShortGPT's block influence of every decoder layer of the dense model, BI_i = 1 − the
+    mean over the calibration tokens of cos(x_in, x_out), x_in and x_out the residual stream
+    before and after layer i (summed in float64); with the calibration record and timings.
+    Streamed as calibration streams the model: the layer input is still in the store when the
+    MLP's result is about to overwrite it."""
+    model_dir = Path(model_dir)
+    arch = load_architecture(model_dir)
+    settings = _Settings(
+        source, nsamples, seqlen, seed, device, memory_budget, block_precision(dtype), progress
+    )
+    identity = {"format": Format.PLAIN.value, "method": Method.LAYERS.value}
+    influence = []
+    with _open_stream(model_dir, arch, settings, None, identity) as (stream, record, stores):
+        hidden = stores["hidden-0"]
+        cosines = torch.zeros((), dtype=torch.float64)  # the current layer's sum
+
+        def observe(rows: slice, output: torch.Tensor) -> None:
+            before = torch.from_numpy(hidden.read(rows)).to(output.device, torch.float64)
+            cosine = torch.nn.functional.cosine_similarity(before, output.double(), dim=-1)
+            cosines.add_(cosine.sum().cpu())
+
+        for index in range(arch.num_layers):
+            cosines.zero_()
+            stream.run_block(index, Block.ATTENTION, hidden, stores["mid"], None)
+            stream.run_block(index, Block.MLP, stores["mid"], hidden, None, observe=observe)
+            influence.append(1.0 - float(cosines) / stream.tokens)
+            stream.layer_done(index + 1, hidden)
+    return influence, record, stream.timings
 
 
 def streamed_logits(
@@ -473,10 +532,10 @@ def _dense_signals(stream: _Stream, stores: dict, make, layer_state=dict):
 
 
 def _calibrate_plain(
-    stream: _Stream, stores: dict, store: RotationStore, weighting: Weighting
+    stream: _Stream, stores: dict, store: RotationStore, weighting: Weighting, method: Method
 ) -> None:
     """Dense forward; one covariance summed over the embedding output and every residual,
-    each signal weighted as `weighting` says."""
+    each signal weighted as `weighting` says; the basis made from it as `method` says."""
     arch, timings, device = stream.arch, stream.timings, stream.runner.device
     total = Covariance(arch.hidden_size, device)
 
@@ -490,7 +549,7 @@ def _calibrate_plain(
     ):
         total.add_signal(covariance, weighting)
     with timings.measure("eigh"):
-        q, values = total.principal_axes("the residual stream")
+        q, values = CALIBRATED_BASES[method](total)
     store.put(PLAIN_ROTATION, q, values, arch.hidden_size)
 
 

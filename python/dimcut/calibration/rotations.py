@@ -21,7 +21,7 @@ import numpy as np
 
 from dimcut._core import DimcutError
 from dimcut.architectures import Architecture, load_architecture
-from dimcut.plan import Format, Widths, plan_rotation_names
+from dimcut.plan import Format, Method, Widths, plan_rotation_names
 from dimcut.runtime import atomic_write, atomic_write_text
 
 RECORD_FILE = "record.json"
@@ -136,11 +136,13 @@ def load_rotations(
     widths: Widths | None = None,
     *,
     model_dir: str | Path | None = None,
+    method: Method | str = Method.PCA,
 ) -> Calibrated:
-    """Open rotations saved by `save_rotations`, refusing ones made for another model or format
-    (with `model_dir`, also another checkpoint of the same shape: see `model_fingerprint`), for
-    another width (slicegpt), or that are not finite matrices with orthonormal columns."""
-    fmt = Format.parse(fmt)
+    """Open rotations saved by `save_rotations`, refusing ones made for another model, format or
+    method (with `model_dir`, also another checkpoint of the same shape: see
+    `model_fingerprint`), for another width (slicegpt), or that are not finite matrices with
+    orthonormal columns."""
+    fmt, method = Format.parse(fmt), Method.parse(method, "method")
     path = Path(path)
     what = f"rotations {path}"
     if not path.exists():
@@ -159,6 +161,9 @@ def load_rotations(
         )
     if record.get("format") != fmt.value:
         raise DimcutError(f"{what}: made for format {record.get('format')!r}, not {fmt.value!r}")
+    made_by = record.get("method", Method.PCA.value)  # PCA records name no method
+    if made_by != method.value:
+        raise DimcutError(f"{what}: made by method {made_by!r}, not {method.value!r}")
     if fmt is Format.SLICEGPT and widths is not None:
         d, layers = widths.embedding, arch.num_layers
         uniform = widths in (

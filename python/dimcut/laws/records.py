@@ -30,14 +30,18 @@ class Accuracy(NamedTuple):
 def cut_variant(model: dict) -> str:
     """How a record's model was cut, as the laws group it: the format, then what departs from a
     uniform un-healed cut (e.g. `slicegpt`, `plain/rms`, `slicegpt/widths=variance`,
-    `slicegpt/healed-kd-200`). Records older than a setting read as its default then."""
+    `slicegpt/healed-kd-200`; a plain cut made by another `--method` than pca is named by it
+    instead of its weighting: `plain/channels`, `plain/random`, `plain/layers`). Records older
+    than a setting read as its default then."""
     fmt = model.get("format") or "slicegpt"
     if fmt == DENSE:
         return DENSE
     calibration = model.get("calibration") or {}
     parts = [fmt]
+    method = calibration.get("method", "pca")  # PCA records name no method
     if fmt == "plain":
-        parts.append(calibration.get("weighting", "raw"))  # raw was the only weighting before
+        # raw was the only weighting before there were others
+        parts.append(calibration.get("weighting", "raw") if method == "pca" else method)
     widths = model.get("widths") or ("schedule" if calibration.get("widths") else "uniform")
     if widths != "uniform":
         parts.append(f"widths={widths if widths == 'variance' else Path(widths).stem}")
