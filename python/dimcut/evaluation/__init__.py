@@ -1,4 +1,5 @@
-"""Evaluation: perplexity (the GPTQ/SliceGPT protocol) and lm-eval zero-shot multiple choice.
+"""Evaluation: perplexity (the GPTQ/SliceGPT protocol), lm-eval zero-shot multiple choice, and
+generative tasks (HumanEval pass@1, LAMBADA by generation) with collapse metrics.
 
 `evaluate(model_dir)` produces one results record (docs/results-schema.md); `dimcut eval` is its
 command line. Modules, each importing only those before it:
@@ -7,6 +8,10 @@ command line. Modules, each importing only those before it:
 - `shared_prefix`: lm-eval's HF model scoring each question's shared context once;
 - `tasks`: lm-eval tasks on local data (task YAMLs, context checks, runs, headline metrics);
 - `record`: the record's model facts, fingerprint, parameter counts, versions; writing it;
+- `collapse`: repetition, distinct-2 and loops of generated text;
+- `sandbox`: running generated programs in a throwaway directory under limits and a guard;
+- `generation`: the generative tasks' names, stop rules and batched greedy decoding;
+- `humaneval`, `lambada`: the two generative tasks (problems, scoring, HumanEval's samples file);
 - `run`: `evaluate`, which puts them together;
 - `cli`: `dimcut eval` and the evaluation options `dimcut sweep` shares.
 """

@@ -7,8 +7,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from dimcut.evaluation.generation import GenerativeTask
+from dimcut.evaluation.humaneval import DEFAULT_MAX_NEW_TOKENS, samples_path
 from dimcut.evaluation.record import format_summary, model_facts, write_results
 from dimcut.evaluation.run import DEFAULT_PPL_SOURCE, evaluate
+from dimcut.evaluation.sandbox import DEFAULT_LIMITS
 from dimcut.evaluation.tasks import (
     DEFAULT_TASKS,
     HUB_TASK_DATA,
@@ -81,7 +84,8 @@ def add_evaluation_arguments(parser) -> None:
         "--tasks",
         default=",".join(DEFAULT_TASKS),
         metavar="T1,T2,...|none",
-        help=f"comma-separated lm-eval tasks, from: {', '.join(TASKS)} "
+        help=f"comma-separated lm-eval tasks, from: {', '.join(TASKS)}; and generative tasks "
+        f"dimcut scores itself: {', '.join(GenerativeTask.values())} "
         f"(default {','.join(DEFAULT_TASKS)})",
     )
     parser.add_argument(
@@ -93,13 +97,31 @@ def add_evaluation_arguments(parser) -> None:
         "tasks from the Hugging Face hub",
     )
     parser.add_argument(
-        "--limit", type=int, metavar="N", help="at most N examples per task (for quick runs)"
+        "--limit",
+        type=int,
+        metavar="N",
+        help="at most N examples per task (for quick runs; humaneval: its first N problems)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"humaneval: at most N generated tokens per problem (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--exec-timeout",
+        type=float,
+        default=DEFAULT_LIMITS.timeout,
+        metavar="SECONDS",
+        help="humaneval: wall-clock limit of each completion's test program in the sandbox "
+        f"(default {DEFAULT_LIMITS.timeout:g})",
     )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=1,
-        help="perplexity windows / lm-eval requests per batch (default 1)",
+        help="perplexity windows / lm-eval requests / generated prompts per batch (default 1)",
     )
     parser.add_argument(
         "--scorer",
@@ -139,6 +161,8 @@ def evaluation_options(args) -> dict:
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "scorer": TaskScorer(args.scorer),
+        "max_new_tokens": args.max_new_tokens,
+        "exec_timeout": args.exec_timeout,
     }
 
 
@@ -201,6 +225,7 @@ def _run_eval(args) -> int:
         device=args.device,
         seed=args.seed,
         label=args.label,
+        samples=samples_path(args.output),  # humaneval's problems, resumed by a rerun
     )
     write_results(record, args.output)
     print(format_summary(record))
@@ -215,6 +240,12 @@ def _write_tasks(args) -> int:
     tasks = comma_list(args.tasks)
     if not tasks:
         raise ValueError("--write-tasks: --tasks names no task")
+    generative = [task for task in tasks if task in GenerativeTask.values()]
+    if generative:
+        raise ValueError(
+            f"--write-tasks: {', '.join(generative)} are scored by dimcut itself; lm-eval has "
+            "no task file for them"
+        )
     if str(args.task_data) == HUB_TASK_DATA:
         raise ValueError(
             "--write-tasks: with --task-data hub lm-eval runs its own stock tasks; "
