@@ -76,6 +76,20 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "python": platform.python_version(),
         "loadavg": load,
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux): timings on these shared machines depend on it (bfloat16
+    matmuls, for one, are fast on some and slower than float32 on others)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
