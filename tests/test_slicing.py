@@ -491,12 +491,22 @@ def test_measured_widths_fit_the_uniform_parameter_count(trained_llama, tmp_path
     }
 
 
+@pytest.mark.parametrize("blocks", ["whole", "blocked"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_streamed_sensitivities_match_gradients_taken_directly(trained_llama, tmp_path, tied):
+def test_streamed_sensitivities_match_gradients_taken_directly(
+    trained_llama, tmp_path, tied, blocks, monkeypatch
+):
     """The oracle: ½ mean over tokens of (g · δ)² at every residual point (the embedding output,
     after each attention and each layer), from the stock model's own residual stream and
-    autograd, whole in memory; the streamed backward holds one layer at a time."""
+    autograd, whole in memory; the streamed backward holds one layer at a time, and the head
+    one block of vocabulary rows ("blocked": 100 of the 384, the tokens in chunks of 30)."""
     import torch
+
+    from dimcut.calibration import sensitivity
+
+    if blocks == "blocked":
+        monkeypatch.setattr(sensitivity, "HEAD_BLOCK_BYTES", 100 * 4 * 64)
+        monkeypatch.setattr(sensitivity, "HEAD_LOGITS", 30 * 100)
 
     from dimcut.calibration import sampled_text
     from dimcut.calibration.procedures import fisher_sensitivities

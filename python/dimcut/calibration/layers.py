@@ -10,6 +10,7 @@ to Q_kᵀ·x (docs/algorithm.md §3), so no weight is ever rotated during calibr
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ from dimcut._core import DimcutError
 from dimcut.architectures import EMBEDDING, FINAL_NORM, LM_HEAD, Architecture
 from dimcut.engine import TensorOp, rewrite_tensors
 from dimcut.runtime import Precision
+
+# Rows of a head or embedding matrix read at once (8 MiB of float32 at 8B's width of 4096).
+HEAD_ROWS = 512
 
 # What the decoder blocks may compute in during calibration. The residual stream, the
 # activations between layers and the covariances stay float32/float64 either way: only each
@@ -131,24 +135,32 @@ class LayerRunner:
         )
         return out.float()
 
-    def final_norm_and_head(self, tensors: dict) -> tuple[torch.nn.Module, torch.Tensor]:
-        """The final norm (the stock class) and the head matrix (the embedding when tied) in
-        the runner's dtype. The head is converted a block of rows at a time, so no float32
-        copy of it is ever whole (an 8B head is 2.1 GB in float32)."""
+    def final_norm(self) -> torch.nn.Module:
+        """The final norm (the stock class) in the runner's dtype."""
         norm = self.norm_class(self.arch.hidden_size, eps=self.config.rms_norm_eps)
         weight = self.read([FINAL_NORM])[FINAL_NORM]
         norm.weight = torch.nn.Parameter(torch.from_numpy(weight).to(self.device, self.dtype))
         norm.weight.requires_grad_(False)
+        return norm
+
+    def head_blocks(
+        self, tensors: dict, rows_per_block: int = HEAD_ROWS
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The head matrix (the embedding when tied) `rows_per_block` vocabulary rows at a time,
+        read from the shard on every pass, in the runner's dtype on its device: (rows, block)."""
         name = EMBEDDING if self.arch.tie_word_embeddings else LM_HEAD
+        for start in range(0, self.arch.vocab_size, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, self.arch.vocab_size))
+            yield rows, read_rows(self.model_dir, name, rows, tensors).to(self.device, self.dtype)
+
+    def final_norm_and_head(self, tensors: dict) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The final norm and the whole head matrix in the runner's dtype. The head is converted
+        a block of rows at a time, so no float32 copy of it is ever whole unless float32 is the
+        runner's dtype (an 8B head is 2.1 GB in float32)."""
         head = torch.empty(self.arch.vocab_size, self.arch.hidden_size, dtype=self.dtype)
-        for start in range(0, self.arch.vocab_size, HEAD_ROWS):
-            rows = slice(start, min(start + HEAD_ROWS, self.arch.vocab_size))
-            head[rows] = read_rows(self.model_dir, name, rows, tensors)
-        return norm, head.to(self.device)
-
-
-# Rows of a head or embedding matrix read at once (8 MiB of float32 at 8B's width of 4096).
-HEAD_ROWS = 512
+        for rows, block in self.head_blocks(tensors):
+            head[rows] = block.cpu()
+        return self.final_norm(), head.to(self.device)
 
 
 def read_rows(model_dir: Path, name: str, rows: slice, tensors: dict) -> torch.Tensor:

@@ -15,6 +15,7 @@ import functools
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -623,12 +624,17 @@ def signal_sensitivities(
     arch = load_architecture(model_dir)
     dtype = block_precision(dtype)
     settings = _Settings(source, nsamples, seqlen, seed, device, memory_budget, dtype, progress)
-    spectra, kept = {}, {}
-    for name, covariance, _device in _unit_rms_signals(model_dir, arch, settings, "sensitivity"):
-        axes, spectra[name] = covariance.principal_axes(name)
-        kept[name] = axes[:, :width]
-    fewer = replace(settings, nsamples=min(nsamples, SENSITIVITY_SAMPLES))
-    sensitivity, timings = _fisher_sensitivities(model_dir, arch, fewer, kept)
+    spectra = {}
+    kept = RotationStore.create_temporary()  # each point's kept axes, on disk until needed
+    try:
+        signals = _unit_rms_signals(model_dir, arch, settings, "sensitivity")
+        for name, covariance, _device in signals:
+            axes, spectra[name] = covariance.principal_axes(name)
+            kept.put(name, axes, spectra[name], width)
+        fewer = replace(settings, nsamples=min(nsamples, SENSITIVITY_SAMPLES))
+        sensitivity, timings = _fisher_sensitivities(model_dir, arch, fewer, kept)
+    finally:
+        kept.close()
     return SignalSensitivities(spectra, sensitivity, timings.as_dict())
 
 
@@ -656,7 +662,7 @@ def fisher_sensitivities(
 
 
 def _fisher_sensitivities(
-    model_dir: Path, arch: Architecture, settings: _Settings, kept: dict[str, np.ndarray]
+    model_dir: Path, arch: Architecture, settings: _Settings, kept: Mapping[str, np.ndarray]
 ) -> tuple[dict[str, float], Timings]:
     with _open_stream(
         model_dir,
@@ -667,13 +673,9 @@ def _fisher_sensitivities(
         every_layer_input=True,
         bar_steps=2 * arch.num_layers + 1,  # the forward, the head, the backward
     ) as (stream, _record, stores):
-        device = stream.runner.device
-        axes = {
-            name: torch.from_numpy(np.asarray(a, np.float32)).to(device) for name, a in kept.items()
-        }
         inputs = [stores[f"hidden-{i}"] for i in range(arch.num_layers + 1)]
         sensitivity = streamed_fisher_sensitivities(
-            stream, inputs, stores["mid"], stream.token_ids, axes
+            stream, inputs, stores["mid"], stream.token_ids, kept
         )
     return sensitivity, stream.timings
 
