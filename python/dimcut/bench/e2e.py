@@ -44,6 +44,10 @@ PROJECTION = "total + (embed + forward + project + covariance + activations) × 
 
 
 def worker_slice(workdir: Path, params: dict) -> dict:
+    return _slice(params, params["output"], "uniform")
+
+
+def _slice(params: dict, output: str, widths: str) -> dict:
     from dimcut.slicing import slice_model
 
     result, measured = measure(
@@ -51,12 +55,13 @@ def worker_slice(workdir: Path, params: dict) -> dict:
         lambda: slice_model(
             params["checkpoint"],
             params["sparsity"],
-            params["output"],
+            output,
             nsamples=params["nsamples"],
             seqlen=params["seqlen"],
             calib=None,
             memory_budget=params["memory_budget"],
             progress=False,
+            widths=widths,
         ),
     )
     return {**measured, "timings": result.timings, "hidden_size": result.hidden_size}
@@ -87,23 +92,7 @@ def worker_verify(workdir: Path, params: dict) -> dict:
 
 
 def worker_sensitivity(workdir: Path, params: dict) -> dict:
-    from dimcut.slicing import SENSITIVITY, slice_model
-
-    result, measured = measure(
-        params,
-        lambda: slice_model(
-            params["checkpoint"],
-            params["sparsity"],
-            params["sensitivity_output"],
-            nsamples=params["nsamples"],
-            seqlen=params["seqlen"],
-            calib=None,
-            memory_budget=params["memory_budget"],
-            progress=False,
-            widths=SENSITIVITY,
-        ),
-    )
-    return {**measured, "timings": result.timings, "hidden_size": result.hidden_size}
+    return _slice(params, params["sensitivity_output"], "sensitivity")
 
 
 def worker_heal(workdir: Path, params: dict) -> dict:

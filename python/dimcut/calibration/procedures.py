@@ -161,6 +161,18 @@ class _Stream:
                     target.write(rows, residual.float().cpu().numpy())
         del layer
 
+    def dense_layers(self, stores: dict, observe=None, after_layer=None) -> None:
+        """The dense forward through every decoder layer, in place in `stores["hidden-0"]`
+        (through "mid"): `observe` sees each MLP batch's output (as `run_block`),
+        `after_layer(index)` runs once a layer is done."""
+        hidden = stores["hidden-0"]
+        for index in range(self.arch.num_layers):
+            self.run_block(index, Block.ATTENTION, hidden, stores["mid"], None)
+            self.run_block(index, Block.MLP, stores["mid"], hidden, None, observe=observe)
+            if after_layer is not None:
+                after_layer(index)
+            self.layer_done(index + 1, hidden)
+
     def layer_done(self, layers_done: int, target: ActivationStore, **state) -> None:
         """Checkpoint after a layer (when resumable), then advance the bar and the test hook."""
         if self.resume is not None:
@@ -278,10 +290,7 @@ def streamed_forward(
         None,
         {"format": "forward"},
     ) as (stream, _record, stores):
-        for index in range(arch.num_layers):
-            stream.run_block(index, Block.ATTENTION, stores["hidden-0"], stores["mid"], None)
-            stream.run_block(index, Block.MLP, stores["mid"], stores["hidden-0"], None)
-            stream.layer_done(index + 1, stores["hidden-0"])
+        stream.dense_layers(stores)
     return stream.timings
 
 
@@ -318,12 +327,11 @@ def block_influence(
             cosine = torch.nn.functional.cosine_similarity(before, output.double(), dim=-1)
             cosines.add_(cosine.sum().cpu())
 
-        for index in range(arch.num_layers):
-            cosines.zero_()
-            stream.run_block(index, Block.ATTENTION, hidden, stores["mid"], None)
-            stream.run_block(index, Block.MLP, stores["mid"], hidden, None, observe=observe)
+        def layer_influence(_index: int) -> None:
             influence.append(1.0 - float(cosines) / stream.tokens)
-            stream.layer_done(index + 1, hidden)
+            cosines.zero_()
+
+        stream.dense_layers(stores, observe, layer_influence)
     return influence, record, stream.timings
 
 
@@ -356,10 +364,7 @@ def streamed_logits(
         bar_steps=arch.num_layers + 1,  # and the head
         given_tokens=tokens,
     ) as (stream, _record, stores):
-        for index in range(arch.num_layers):
-            stream.run_block(index, Block.ATTENTION, stores["hidden-0"], stores["mid"], None)
-            stream.run_block(index, Block.MLP, stores["mid"], stores["hidden-0"], None)
-            stream.bar.update()
+        stream.dense_layers(stores)
         with stream.timings.measure("read"):
             norm, head = stream.runner.final_norm_and_head(stream.tensors)
         step = max(1, HEAD_LOGITS // head.shape[0])
