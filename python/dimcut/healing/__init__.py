@@ -1,8 +1,9 @@
 """Healing: recovery fine-tuning of a sliced model, distilled from its dense parent.
 
 Modules, in the order data flows: `losses` (kd, lm) → `teacher` (is it the parent; its top-k
-targets, computed once) → `adapters` (LoRA through peft on the family's linears; the merge) →
-`state` (checkpoints in `<OUT>.dimcut-heal/`) → `run` (`heal`) → `cli` (`dimcut heal`).
+targets, computed once, streamed) → `student` (the sliced model, frozen weights mapped from the
+shards) → `adapters` (LoRA through peft on the family's linears; the merge) → `state`
+(checkpoints in `<OUT>.dimcut-heal/`) → `run` (`heal`) → `cli` (`dimcut heal`).
 """
 
 from dimcut.healing.adapters import LoraSettings
