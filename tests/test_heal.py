@@ -226,6 +226,30 @@ def test_weights_stored_in_another_dtype_are_converted_copies(sliced):
     shards.close()
 
 
+@pytest.mark.parametrize("loss", [Loss.KD, Loss.KD_LM])
+def test_the_loss_in_chunks_of_positions_is_the_whole_sequences_loss(
+    sliced, trained_llama, tmp_path, monkeypatch, loss
+):
+    """The head and the losses run a chunk of positions at a time (7 of the 63 here): the
+    same training, to float32 rounding, as one chunk of every position."""
+    from dimcut.healing import run
+
+    options = HealOptions(steps=3, seqlen=64, lr=2e-3, loss=loss)
+    whole = dimcut.heal(sliced["slicegpt"], trained_llama, tmp_path / "a", options, progress=False)
+    monkeypatch.setattr(run, "LOSS_LOGITS", 7 * 384)  # 7 positions of the 384-token vocabulary
+    chunked = dimcut.heal(
+        sliced["slicegpt"], trained_llama, tmp_path / "b", options, progress=False
+    )
+    assert chunked.initial_loss == pytest.approx(whole.initial_loss, rel=1e-5)
+    assert chunked.final_loss == pytest.approx(whole.final_loss, rel=1e-4)
+    a, b = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
 def test_a_healed_identity_slice_reproduces_the_teacher(trained_llama, tmp_path):
     """At s = 0 the student is the teacher rotated: the KD loss of the first step (before any
     update) is zero up to float32 rounding."""

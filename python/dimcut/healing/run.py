@@ -32,6 +32,7 @@ from dimcut.runtime import (
     engine_budget,
     package_version,
     peak_rss_bytes,
+    return_freed_memory,
     torch_device,
 )
 from dimcut.tokenizers import load_tokenizer
@@ -39,6 +40,7 @@ from dimcut.tokenizers import load_tokenizer
 # float16 is left out: on a CPU its matmuls are slow, and training in it needs loss scaling.
 PRECISIONS = (Precision.FLOAT32, Precision.BFLOAT16)
 MERGED_DIR = "merged"  # in the state directory: the merged tensors on their way to OUT
+LOSS_LOGITS = 2**24  # logits of one loss chunk (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def heal(
         raise ModuleNotFoundError("dimcut heal needs peft: pip install 'dimcut[heal]'")
     options = options or HealOptions()
     options.check()
+    return_freed_memory()
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     sliced_dir, teacher_dir, out_dir = Path(sliced_dir), Path(teacher_dir), Path(out_dir)
@@ -319,14 +322,42 @@ class _Trainer:
         }
 
     def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """The step's loss, the head and the losses computed a chunk of positions at a time
+        under checkpointing: the [batch, seqlen, vocabulary] float32 logits, their
+        log-softmax and their gradients are never whole (1.2 GB for Qwen-1.5B at 512
+        tokens; the decoder's own activations are about twice that)."""
         batch = self.tokens[rows].to(self.device)
-        logits = self.model(input_ids=batch, use_cache=False).logits
-        total = torch.zeros((), device=self.device)
+        causal = self.model.get_base_model()
+        hidden = causal.base_model(input_ids=batch, use_cache=False).last_hidden_state
+        targets = None
         if self.options.loss.needs_teacher:
-            values, indices = (t[rows].to(self.device) for t in self.targets)
-            total = total + kd_loss(logits[:, :-1], values, indices)
+            targets = [t[rows].to(self.device) for t in self.targets]
+        head = causal.get_output_embeddings()
+        predicted = batch.shape[1] - 1  # positions that predict a next token
+        step = max(1, LOSS_LOGITS // (batch.shape[0] * head.out_features))
+        total = torch.zeros((), device=self.device)
+        for start in range(0, predicted, step):
+            stop = min(start + step, predicted)
+            chunk = torch.utils.checkpoint.checkpoint(
+                self._chunk_loss,
+                head,
+                hidden[:, start : stop + 1],
+                batch[:, start : stop + 1],
+                *([t[:, start:stop] for t in targets] if targets else []),
+                use_reentrant=False,
+            )
+            total = total + chunk * ((stop - start) / predicted)
+        return total
+
+    def _chunk_loss(self, head, hidden, input_ids, *targets) -> torch.Tensor:
+        """The mean losses of positions [0, n − 1) of a chunk whose n positions are given (the
+        last one is only the next token of the one before)."""
+        logits = head(hidden)
+        total = torch.zeros((), device=self.device)
+        if targets:
+            total = total + kd_loss(logits[:, :-1], *targets)
         if self.options.loss is not Loss.KD:
-            total = total + lm_loss(logits, batch)
+            total = total + lm_loss(logits, input_ids)
         return total
 
     def train(self, state_dir: Path, checkpoint_every: int, progress: bool) -> None:
