@@ -90,13 +90,13 @@ def main() -> int:
     from dimcut.bench.workers import machine
 
     args.work.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
-        contenders = {
-            "baseline": worktree(args.base, Path(scratch) / "base"),
-            "out-of-core": ROOT / "python",
-        }
-        rows = []
-        try:
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+            contenders = {
+                "baseline": worktree(args.base, Path(scratch) / "base"),
+                "out-of-core": ROOT / "python",
+            }
             for name, python_path in contenders.items():
                 row = run(name, python_path, args.sliced, args.teacher, args.steps,
                           args.heal_options, args.work)  # fmt: skip
@@ -104,8 +104,8 @@ def main() -> int:
                 print(f"{name:12s} peak RSS {row['peak_rss_gib']:.2f} GiB, wall "
                       f"{row['wall_seconds']:.0f} s, teacher {row['teacher_seconds']:.0f} s, "
                       f"training {row['seconds_per_step']:.1f} s/step", flush=True)  # fmt: skip
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
+    finally:  # the worktree's directory is gone now: forget it
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
     base, ours = rows
     print(f"out-of-core / baseline: peak RSS {ours['peak_rss_gib'] / base['peak_rss_gib']:.2f}x, "
           f"s/step {ours['seconds_per_step'] / base['seconds_per_step']:.2f}x")  # fmt: skip
