@@ -186,3 +186,23 @@ def mean_stderr(rate: float | None, n: int) -> float | None:
     if rate is None or n < 2:
         return None
     return math.sqrt(rate * (1 - rate) / (n - 1))
+
+
+def greedy_entry(
+    metric: str, hits: int, n: int, *, rows: int, data: str, max_new_tokens: int
+) -> dict:
+    """The record's task entry of a generative task scored right or wrong per example: the
+    rate as the headline metric, its standard error, the sizes and the decoding."""
+    rate = hits / n if n else None
+    return {
+        "headline_metric": metric,
+        "headline": rate,
+        metric: rate,
+        f"{metric}_stderr": mean_stderr(rate, n),
+        "n": n,
+        "rows": rows,
+        "data": data,
+        "split": "test",
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+    }

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dimcut.evaluation.collapse import collapse_metrics
-from dimcut.evaluation.generation import Finish, Generator, StopSequences, mean_stderr
+from dimcut.evaluation.generation import Finish, Generator, StopSequences, greedy_entry
 from dimcut.evaluation.sandbox import DEFAULT_LIMITS, Limits, Outcome, run_program
 from dimcut.runtime import atomic_write_text
 
@@ -197,20 +197,17 @@ def _executed(entry: dict, problem: Problem, limits: Limits) -> dict:
 def _entry(
     results: Sequence[dict], *, rows: int, samples: Path | None, limits: Limits, max_new_tokens: int
 ) -> dict:
-    n = len(results)
     passed = sum(bool(r["passed"]) for r in results)
-    rate = passed / n if n else None
+    entry = greedy_entry(
+        "pass@1",
+        passed,
+        len(results),
+        rows=rows,
+        data=str(problems_file()),
+        max_new_tokens=max_new_tokens,
+    )
     return {
-        "headline_metric": "pass@1",
-        "headline": rate,
-        "pass@1": rate,
-        "pass@1_stderr": mean_stderr(rate, n),
-        "n": n,
-        "rows": rows,
-        "data": str(problems_file()),
-        "split": "test",
-        "decoding": "greedy",
-        "max_new_tokens": max_new_tokens,
+        **entry,
         "timeout": limits.timeout,
         "outcomes": {o.value: sum(r["outcome"] == o.value for r in results) for o in Outcome},
         "finish": {f.value: sum(r["finish"] == f.value for r in results) for f in Finish},

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dimcut import data_sources
-from dimcut.evaluation.generation import FirstWord, Generator, mean_stderr
+from dimcut.evaluation.generation import FirstWord, Generator, greedy_entry
 
 # A target is one word (the stop rule ends the row at its end); more tokens than this without
 # a word break is a miss whatever follows.
@@ -47,17 +47,11 @@ def evaluate_lambada(
     contexts = [passage.context for passage in passages]
     words = [g.text.strip() for g in generator.generate(contexts, FirstWord(), MAX_NEW_TOKENS)]
     hits = sum(word == passage.target for word, passage in zip(words, passages, strict=True))
-    n = len(passages)
-    rate = hits / n if n else None
-    return {
-        "headline_metric": "exact_match",
-        "headline": rate,
-        "exact_match": rate,
-        "exact_match_stderr": mean_stderr(rate, n),
-        "n": n,
-        "rows": rows,
-        "data": data_sources.LAMBADA_OFFLINE,
-        "split": "test",
-        "decoding": "greedy",
-        "max_new_tokens": MAX_NEW_TOKENS,
-    }
+    return greedy_entry(
+        "exact_match",
+        hits,
+        len(passages),
+        rows=rows,
+        data=data_sources.LAMBADA_OFFLINE,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
