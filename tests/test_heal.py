@@ -226,6 +226,62 @@ def test_weights_stored_in_another_dtype_are_converted_copies(sliced):
     shards.close()
 
 
+def _adapted_step(wrapped, batch, low_precision: bool):
+    """One forward and backward of the decoder; what autograd saved for it (bytes of distinct
+    storages) and the adapters' gradients."""
+    from dimcut.healing import adapters
+
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    wrapped.zero_grad(set_to_none=True)
+    precision = torch.bfloat16 if low_precision else torch.float32
+    with (
+        adapters.computing_in(wrapped, precision, torch.device("cpu")),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+    ):
+        hidden = wrapped.get_base_model().model(input_ids=batch).last_hidden_state
+    hidden.float().square().mean().backward()
+    grads = {n: p.grad for n, p in wrapped.named_parameters() if p.requires_grad}
+    return hidden.detach().float(), sum(saved.values()), grads
+
+
+def test_bfloat16_adapters_keep_float32_weights_and_save_no_float32_inputs(tmp_path):
+    """In bfloat16 the adapters' matmuls run in bfloat16 while their weights and gradients stay
+    float32 (AdamW updates float32 masters): the same forward and gradients as peft's own
+    float32 adapter path to bfloat16 rounding, and a third less saved for the backward (no
+    float32 copy of each adapted linear's input)."""
+    from dimcut.healing import adapters, student
+
+    model_dir = save_tiny_model("qwen2", tmp_path / "m", shard=None, dtype=torch.bfloat16)
+    model, shards = student.load_student(
+        model_dir, torch.device("cpu"), Precision.BFLOAT16, trained=lambda _name: False
+    )
+    config = json.loads((model_dir / "config.json").read_text())
+    wrapped = adapters.attach(
+        model, adapters.family_of(config), adapters.LoraSettings(), train_shortcuts=False
+    )
+    with torch.no_grad():  # B starts at zero: give the adapters an effect to compare
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    batch = torch.randint(0, config["vocab_size"], (2, 48))
+    peft_out, peft_saved, peft_grads = _adapted_step(wrapped, batch, low_precision=False)
+    ours_out, ours_saved, ours_grads = _adapted_step(wrapped, batch, low_precision=True)
+    assert {g.dtype for g in ours_grads.values()} == {torch.float32}
+    assert {p.dtype for p in wrapped.parameters() if p.requires_grad} == {torch.float32}
+    error = (ours_out - peft_out).norm() / peft_out.norm()
+    assert error < 0.01, error.item()
+    for name, grad in ours_grads.items():
+        cosine = F.cosine_similarity(grad.flatten(), peft_grads[name].flatten(), dim=0)
+        assert cosine > 0.999, (name, cosine.item())
+    assert ours_saved < 0.75 * peft_saved, (ours_saved, peft_saved)
+    shards.close()
+
+
 @pytest.mark.parametrize("loss", [Loss.KD, Loss.KD_LM])
 def test_the_loss_in_chunks_of_positions_is_the_whole_sequences_loss(
     sliced, trained_llama, tmp_path, monkeypatch, loss

@@ -87,7 +87,8 @@ def add_commands(subparsers) -> None:
         "--dropout",
         type=float,
         default=DEFAULTS.lora.dropout,
-        help=f"LoRA dropout ({DEFAULTS.lora.dropout:g})",
+        help="LoRA dropout; each sequence is seen once, so there is little to regularise, and "
+        f"every dropped-out input is kept for the backward ({DEFAULTS.lora.dropout:g})",
     )
     train.add_argument(
         "--train-shortcuts",

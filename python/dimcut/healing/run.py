@@ -328,7 +328,8 @@ class _Trainer:
         tokens; the decoder's own activations are about twice that)."""
         batch = self.tokens[rows].to(self.device)
         causal = self.model.get_base_model()
-        hidden = causal.base_model(input_ids=batch, use_cache=False).last_hidden_state
+        with adapters.computing_in(self.model, self.options.dtype.torch, self.device):
+            hidden = causal.base_model(input_ids=batch, use_cache=False).last_hidden_state
         targets = None
         if self.options.loss.needs_teacher:
             targets = [t[rows].to(self.device) for t in self.targets]
