@@ -2,7 +2,9 @@
 --tasks humaneval[,lambada_generate]`), one row per point with HumanEval's pass@1 and the
 collapse metrics of its completions (rep-4: repeated 4-grams; distinct-2; the fraction of
 completions that end in a loop; the fraction cut at the token cap), and LAMBADA-by-generation
-accuracy where measured.
+accuracy where measured. The collapse metrics are measured again from each record's samples file
+(`<record>.humaneval.jsonl`, the completions) with today's definitions
+(`dimcut.evaluation.collapse`), so records written before a definition changed stay comparable.
 
     python benches/collapse_table.py "SmolLM2 slicegpt=docs/results/generation/smollm2-slicegpt" \\
         "SmolLM2 slicegpt, healed 50=docs/results/generation/smollm2-slicegpt-healed50" -o OUT.md
@@ -16,6 +18,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from dimcut.evaluation.collapse import collapse_metrics
 
 COLUMNS = (
     "cut",
@@ -33,6 +37,18 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _remeasured(record_file: Path) -> dict:
+    """The collapse metrics of the record's completions, or {} without its samples file."""
+    samples = record_file.with_suffix(".humaneval.jsonl")
+    if not samples.is_file():
+        return {}
+    by_task = {}
+    for line in samples.read_text().splitlines():
+        row = json.loads(line)
+        by_task[row["task_id"]] = row["completion"]  # a resumed point may repeat a problem
+    return collapse_metrics(list(by_task.values()))
+
+
 def rows(label: str, runs: Path) -> list[list[str]]:
     records = []
     for path in runs.glob("*.json"):
@@ -40,10 +56,10 @@ def rows(label: str, runs: Path) -> list[list[str]]:
         humaneval = (record.get("tasks") or {}).get("humaneval")
         if humaneval is None:
             continue
-        records.append((record["model"].get("effective_sparsity") or 0.0, record))
+        records.append((record["model"].get("effective_sparsity") or 0.0, path, record))
     out = []
-    for sparsity, record in sorted(records, key=lambda item: item[0]):
-        humaneval = record["tasks"]["humaneval"]
+    for sparsity, path, record in sorted(records, key=lambda item: item[0]):
+        humaneval = {**record["tasks"]["humaneval"], **_remeasured(path)}
         lambada = record["tasks"].get("lambada_generate") or {}
         capped = humaneval["finish"].get("length", 0) / humaneval["n"] if humaneval["n"] else None
         out.append(

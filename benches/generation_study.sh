@@ -66,7 +66,8 @@ smol() {
     done
     [ -f $G/smollm2-slicegpt-healed50/dense.json ] || {
         mkdir -p $G/smollm2-slicegpt-healed50
-        cp $G/smollm2-slicegpt/dense.json $G/smollm2-slicegpt-healed50/dense.json
+        cp $G/smollm2-slicegpt/dense.json $G/smollm2-slicegpt/dense.humaneval.jsonl \
+            $G/smollm2-slicegpt-healed50/
     }
     for s in $SMOL_S; do
         sweep_point $G/smollm2-slicegpt-healed50 "$s" "$SMOL" --format slicegpt $CALIB \

@@ -181,20 +181,24 @@ def test_collapse_metrics_on_hand_computed_strings():
     assert collapse.repetition_rate(words) == pytest.approx(1 - 4 / 5)  # abcd repeats once
     assert collapse.distinct_n(["a", "b", "a", "b"]) == pytest.approx(2 / 3)  # ab ba ab
     assert collapse.repetition_rate(["a", "b"]) is None
-    assert collapse.loops(("x y " * 10).split())
-    assert collapse.loops(["go", "go", "go", "go"])
-    assert not collapse.loops(
-        ["a", "b", "c", "a", "b", "c", "a", "b", "c"]
-    )  # period 3 seen only 3 times
-    assert not collapse.loops(("a b c d e f g h i " * 8).split())  # period 9 > 8
-    assert not collapse.loops([f"w{i}" for i in range(60)] + ["go"] * 4)  # tail not all loop
-    assert collapse.loops([f"w{i}" for i in range(60)] + ["go", "on"] * 32)  # last 64 do
+    assert collapse.loops("x y " * 10)
+    assert collapse.loops("go go go go")
+    assert not collapse.loops("a b c a b c a b c")  # period 3 seen only 3 times
+    assert not collapse.loops("a b c d e f g h i " * 8)  # period 9 > 8 (words and characters)
+    assert not collapse.loops(" ".join(f"w{i}" for i in range(60)) + " go" * 4)  # tail not all loop
+    assert collapse.loops(" ".join(f"w{i}" for i in range(60)) + " go on" * 32)  # last 64 do
+    # Loops without words to repeat: blank lines, one digit, a run inside one long word.
+    assert collapse.loops("def f():\n" + "\n" * 64)
+    assert collapse.loops("x = 1" + "0" * 64)
+    assert collapse.loops("print('" + "ab" * 40)
+    assert not collapse.loops("\n" * 63)  # shorter than the window
+    assert not collapse.loops("    return sorted(numbers)[len(numbers) // 2] if numbers else None\n")
 
-    metrics = collapse.collapse_metrics(["a b c d a b c d", "x x x x", "hi"])
+    metrics = collapse.collapse_metrics(["a b c d a b c d", "x x x x", "hi", "\n" * 100])
     assert metrics["repetition_rate"] == pytest.approx((0.2 + 0.0) / 2)
     assert metrics["distinct_2"] == pytest.approx((4 / 7 + 1 / 3) / 2)
-    assert metrics["loop_fraction"] == pytest.approx(1 / 3)
-    assert metrics["collapse_unit"] == "whitespace words"
+    assert metrics["loop_fraction"] == pytest.approx(2 / 4)  # "x x x x" and the blank lines
+    assert metrics["collapse_unit"] == "whitespace words; loops also characters"
 
 
 def test_stop_rules():

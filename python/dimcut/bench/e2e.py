@@ -160,13 +160,14 @@ def heal_row(result: dict) -> dict:
 
 
 def disk_needed(workdir: Path, shapes: list[Shape], tokens: int, extras: list[str]) -> int:
-    """Checkpoints not built yet, one output (two more with the extras), and the spilled
-    activation stores (an upper bound: the memory budget keeps part of them in RAM): two, or one
-    per layer input for the sensitivity's backward."""
+    """Checkpoints not built yet, the uniform slice's output (and one extra's beside it: each is
+    deleted once measured), and the spilled activation stores (an upper bound: the memory budget
+    keeps part of them in RAM): two, or one per layer input for the sensitivity's backward."""
     unbuilt = sum(s.checkpoint_bytes() for s in shapes if not checkpoint_dir(workdir, s).is_dir())
     largest = max(s.checkpoint_bytes() for s in shapes)
     stores = max(s.layers for s in shapes) + 2 if "sensitivity" in extras else 2
-    return unbuilt + (1 + len(extras)) * largest + stores * tokens * shapes[0].hidden * 4
+    outputs = 2 if extras else 1
+    return unbuilt + outputs * largest + stores * tokens * shapes[0].hidden * 4
 
 
 def checkpoint_dir(workdir: Path, shape: Shape) -> Path:
@@ -262,6 +263,9 @@ def run_layers(
             )
             if name == "sensitivity":
                 rows[name]["hidden_size"] = result["hidden_size"]
+            if not args.keep:
+                # Only the uniform slice is read again (by the heal); free the disk for the next.
+                shutil.rmtree(checkpoint.with_name(f"{checkpoint.name}-{name}"), ignore_errors=True)
     finally:
         if not args.keep:
             for path in outputs:

@@ -9,9 +9,12 @@ families) are measured alike, and cached completions need no tokenizer to be re-
 - `distinct_2`: unique bigrams / bigrams of one sample;
 - `loops`: a sample's last `LOOP_WINDOW` words (all of them when fewer) are one n-gram of at most
   `LOOP_MAX_PERIOD` words repeated at least `LOOP_MIN_REPEATS` times, i.e. the window is periodic
-  with a period p ≤ 8 and holds ≥ 4 p words.
+  with a period p ≤ 8 and holds ≥ 4 p words — or its last `LOOP_WINDOW` characters are one
+  string of at most `LOOP_MAX_PERIOD` characters repeated: the loops that have no words to
+  repeat (a run of newlines, "000…") are counted too.
 
-`collapse_metrics` averages the first two over the samples long enough to have one n-gram and
+`collapse_metrics` averages the first two over the samples long enough to have one n-gram (a
+sample of blank lines has none: rep-4 and distinct-2 do not see it, the loop fraction does) and
 reports the fraction of all samples that loop.
 """
 
@@ -46,15 +49,23 @@ def distinct_n(tokens: Sequence[str], n: int = DISTINCT_N) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def loops(tokens: Sequence[str]) -> bool:
-    """Whether the tail is one short n-gram repeated (see the module docstring)."""
-    tail = tokens[-LOOP_WINDOW:]
+def _periodic(tail: Sequence[str]) -> bool:
+    """Whether `tail` is one unit of at most LOOP_MAX_PERIOD items repeated ≥ LOOP_MIN_REPEATS
+    times."""
     for period in range(1, LOOP_MAX_PERIOD + 1):
         if len(tail) < LOOP_MIN_REPEATS * period:
             break
         if all(tail[i] == tail[i + period] for i in range(len(tail) - period)):
             return True
     return False
+
+
+def loops(text: str) -> bool:
+    """Whether the text ends in a loop of words or of characters (see the module docstring)."""
+    chars = text[-LOOP_WINDOW:]
+    return _periodic(words(text)[-LOOP_WINDOW:]) or (
+        len(chars) == LOOP_WINDOW and _periodic(chars)
+    )
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -68,6 +79,6 @@ def collapse_metrics(texts: Sequence[str]) -> dict:
     return {
         "repetition_rate": _mean([repetition_rate(s) for s in samples]),
         "distinct_2": _mean([distinct_n(s) for s in samples]),
-        "loop_fraction": sum(map(loops, samples)) / len(samples) if samples else None,
-        "collapse_unit": "whitespace words",
+        "loop_fraction": sum(map(loops, texts)) / len(texts) if texts else None,
+        "collapse_unit": "whitespace words; loops also characters",
     }
