@@ -192,7 +192,9 @@ def test_collapse_metrics_on_hand_computed_strings():
     assert collapse.loops("x = 1" + "0" * 64)
     assert collapse.loops("print('" + "ab" * 40)
     assert not collapse.loops("\n" * 63)  # shorter than the window
-    assert not collapse.loops("    return sorted(numbers)[len(numbers) // 2] if numbers else None\n")
+    assert not collapse.loops(
+        "    return sorted(numbers)[len(numbers) // 2] if numbers else None\n"
+    )
 
     metrics = collapse.collapse_metrics(["a b c d a b c d", "x x x x", "hi", "\n" * 100])
     assert metrics["repetition_rate"] == pytest.approx((0.2 + 0.0) / 2)

@@ -63,9 +63,7 @@ def _periodic(tail: Sequence[str]) -> bool:
 def loops(text: str) -> bool:
     """Whether the text ends in a loop of words or of characters (see the module docstring)."""
     chars = text[-LOOP_WINDOW:]
-    return _periodic(words(text)[-LOOP_WINDOW:]) or (
-        len(chars) == LOOP_WINDOW and _periodic(chars)
-    )
+    return _periodic(words(text)[-LOOP_WINDOW:]) or (len(chars) == LOOP_WINDOW and _periodic(chars))
 
 
 def _mean(values: list[float | None]) -> float | None:
