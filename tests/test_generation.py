@@ -226,8 +226,10 @@ class ScriptedGenerator:
     def check_fits(self, labels, prompts, new_tokens):
         pass
 
-    def generate(self, prompts, stop, max_new_tokens):
+    def generate(self, prompts, stop, max_new_tokens, progress=None):
         self.generated += prompts
+        if progress is not None:
+            progress.update(len(prompts))
         results = []
         for prompt in prompts:
             text = self.continuations[prompt]

@@ -72,13 +72,24 @@ class Generation:
     new_tokens: int  # tokens generated for this row (up to its end-of-sequence, if any)
 
 
+class Progress(Protocol):
+    """A progress bar (tqdm's)."""
+
+    def update(self, n: int) -> object: ...
+
+
 class Generator(Protocol):
     def check_fits(self, labels: Sequence[str], prompts: Sequence[str], new_tokens: int) -> None:
         """ValueError naming the first prompt that leaves no room for `new_tokens`."""
 
     def generate(
-        self, prompts: Sequence[str], stop: StopRule, max_new_tokens: int
-    ) -> list[Generation]: ...
+        self,
+        prompts: Sequence[str],
+        stop: StopRule,
+        max_new_tokens: int,
+        progress: Progress | None = None,
+    ) -> list[Generation]:
+        """One generation per prompt; `progress.update(n)` as each n prompts finish."""
 
 
 class GreedyGenerator:
@@ -116,11 +127,18 @@ class GreedyGenerator:
                 )
 
     def generate(
-        self, prompts: Sequence[str], stop: StopRule, max_new_tokens: int
+        self,
+        prompts: Sequence[str],
+        stop: StopRule,
+        max_new_tokens: int,
+        progress: Progress | None = None,
     ) -> list[Generation]:
         results = []
         for start in range(0, len(prompts), self.batch_size):
-            results += self._batch(prompts[start : start + self.batch_size], stop, max_new_tokens)
+            batch = prompts[start : start + self.batch_size]
+            results += self._batch(batch, stop, max_new_tokens)
+            if progress is not None:
+                progress.update(len(batch))
         return results
 
     def _batch(self, prompts: Sequence[str], stop: StopRule, max_new_tokens: int):

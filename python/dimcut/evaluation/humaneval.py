@@ -137,6 +137,8 @@ def evaluate_humaneval(
 ) -> dict:
     """Greedy pass@1 on the first `limit` problems; the record's task entry
     (docs/results-schema.md)."""
+    from tqdm.auto import tqdm
+
     rows = len(problems)
     problems = problems[:limit]
     samples = samples or SamplesFile(None, "")
@@ -153,9 +155,12 @@ def evaluate_humaneval(
     pending = [p for p in problems if p.task_id not in done]
     check_fits(generator, pending, max_new_tokens)
     stop = StopSequences(STOP_SEQUENCES)
+    bar = tqdm(
+        total=len(problems), initial=len(problems) - len(pending), desc="humaneval", unit="problem"
+    )
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        generations = generator.generate([p.prompt for p in batch], stop, max_new_tokens)
+        generations = generator.generate([p.prompt for p in batch], stop, max_new_tokens, bar)
         entries = [
             _executed(
                 {
@@ -172,6 +177,7 @@ def evaluate_humaneval(
         ]
         samples.append(entries)
         done.update({e["task_id"]: e for e in entries})
+    bar.close()
     results = [done[p.task_id] for p in problems]
     return _entry(
         results,

@@ -44,8 +44,12 @@ def evaluate_lambada(
     rows = len(passages)
     passages = passages[:limit]
     check_fits(generator, passages)
+    from tqdm.auto import tqdm
+
     contexts = [passage.context for passage in passages]
-    words = [g.text.strip() for g in generator.generate(contexts, FirstWord(), MAX_NEW_TOKENS)]
+    with tqdm(total=len(contexts), desc="lambada_generate", unit="passage") as bar:
+        generations = generator.generate(contexts, FirstWord(), MAX_NEW_TOKENS, bar)
+    words = [g.text.strip() for g in generations]
     hits = sum(word == passage.target for word, passage in zip(words, passages, strict=True))
     return greedy_entry(
         "exact_match",
