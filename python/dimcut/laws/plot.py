@@ -66,8 +66,11 @@ def plot_fits(report: FitReport, path: str | Path) -> list[Path]:
         ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
+    # One panel is narrower than the title: it takes two lines there.
     figure.suptitle(
-        "Sparsity laws (arXiv 2503.04377): dots are measured, lines are least-squares fits"
+        "Sparsity laws (arXiv 2503.04377):"
+        + ("\n" if columns == 1 else " ")
+        + "dots are measured, lines are least-squares fits"
     )
 
     written = []
