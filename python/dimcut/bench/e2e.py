@@ -222,7 +222,9 @@ def run_layers(
     the `extras`."""
     checkpoint = checkpoint_dir(workdir, shape)
     output = checkpoint.with_name(checkpoint.name + "-sliced")
-    outputs = [output] + [checkpoint.with_name(f"{checkpoint.name}-{extra}") for extra in extras]
+    # Each extra writes beside the checkpoint; the heal's is `-heal`, the sensitivity's `-sensitivity`.
+    extra_outputs = {name: checkpoint.with_name(f"{checkpoint.name}-{name}") for name in EXTRAS}
+    outputs = [output, *(extra_outputs[name] for name in extras)]
     meta = ensure_checkpoint(checkpoint, shape, args.shard_size, tokenizer=True)
     say(
         f"{shape.layers} layers: checkpoint {meta['input_bytes'] / 1e9:.2f} GB in "
@@ -232,8 +234,8 @@ def run_layers(
         "threads": args.threads,
         "checkpoint": str(checkpoint),
         "output": str(output),
-        "sensitivity_output": str(checkpoint.with_name(checkpoint.name + "-sensitivity")),
-        "healed_output": str(checkpoint.with_name(checkpoint.name + "-heal")),
+        "sensitivity_output": str(extra_outputs["sensitivity"]),
+        "healed_output": str(extra_outputs["heal"]),
         "heal_steps": args.heal_steps,
         "sparsity": SPARSITY,
         "nsamples": args.nsamples,
@@ -265,7 +267,7 @@ def run_layers(
                 rows[name]["hidden_size"] = result["hidden_size"]
             if not args.keep:
                 # Only the uniform slice is read again (by the heal); free the disk for the next.
-                shutil.rmtree(checkpoint.with_name(f"{checkpoint.name}-{name}"), ignore_errors=True)
+                shutil.rmtree(extra_outputs[name], ignore_errors=True)
     finally:
         if not args.keep:
             for path in outputs:

@@ -155,29 +155,28 @@ def evaluate_humaneval(
     pending = [p for p in problems if p.task_id not in done]
     check_fits(generator, pending, max_new_tokens)
     stop = StopSequences(STOP_SEQUENCES)
-    bar = tqdm(
+    with tqdm(
         total=len(problems), initial=len(problems) - len(pending), desc="humaneval", unit="problem"
-    )
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start : start + batch_size]
-        generations = generator.generate([p.prompt for p in batch], stop, max_new_tokens, bar)
-        entries = [
-            _executed(
-                {
-                    "key": samples.key,
-                    "task_id": problem.task_id,
-                    "completion": generation.text,
-                    "finish": generation.finish.value,
-                    "new_tokens": generation.new_tokens,
-                },
-                problem,
-                limits,
-            )
-            for problem, generation in zip(batch, generations, strict=True)
-        ]
-        samples.append(entries)
-        done.update({e["task_id"]: e for e in entries})
-    bar.close()
+    ) as bar:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            generations = generator.generate([p.prompt for p in batch], stop, max_new_tokens, bar)
+            entries = [
+                _executed(
+                    {
+                        "key": samples.key,
+                        "task_id": problem.task_id,
+                        "completion": generation.text,
+                        "finish": generation.finish.value,
+                        "new_tokens": generation.new_tokens,
+                    },
+                    problem,
+                    limits,
+                )
+                for problem, generation in zip(batch, generations, strict=True)
+            ]
+            samples.append(entries)
+            done.update({e["task_id"]: e for e in entries})
     results = [done[p.task_id] for p in problems]
     return _entry(
         results,

@@ -41,11 +41,11 @@ def evaluate_lambada(
 ) -> dict:
     """Exact-match accuracy of the generated last words of the first `limit` passages; the
     record's task entry."""
+    from tqdm.auto import tqdm
+
     rows = len(passages)
     passages = passages[:limit]
     check_fits(generator, passages)
-    from tqdm.auto import tqdm
-
     contexts = [passage.context for passage in passages]
     with tqdm(total=len(contexts), desc="lambada_generate", unit="passage") as bar:
         generations = generator.generate(contexts, FirstWord(), MAX_NEW_TOKENS, bar)
