@@ -6,11 +6,16 @@ CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
 PPL="--ppl-seqlen 2048 --ppl-windows 4 --batch-size 4 --tasks none"
 
 # landed FILE: with COMMIT_RECORDS=1 in the environment, commit the record FILE just written, so
-# a study longer than a session lands record by record.
+# a study longer than a session lands record by record. Two studies (or a person) committing at
+# once collide on git's index lock: a failed commit is retried rather than ending the study.
 landed() {
-    if [ "${COMMIT_RECORDS:-0}" = 1 ]; then
-        git add -- "$1" && git commit -q -m "records: $1" --only -- "$1"
-    fi
+    [ "${COMMIT_RECORDS:-0}" = 1 ] || return 0
+    local attempt
+    for attempt in 1 2 3 4 5 6 7 8 9 10; do
+        git add -- "$1" && git commit -q -m "records: $1" --only -- "$1" && return 0
+        sleep 3
+    done
+    return 1
 }
 
 # record FILE COMMAND...: run COMMAND (which writes FILE) unless FILE exists.
