@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Generation under slicing: HumanEval greedy pass@1 (all 164 problems) and LAMBADA by generation
 # (`lambada_generate`, the first 500 passages) of Qwen2.5-Coder-1.5B in bfloat16 — dense, the
-# slicegpt sweep points s = 0.05 … 0.4 (sliced with the laws study's calibration, evaluated,
-# deleted), and the plain/rms cut at an equal budget of 85 % of the parameters.
+# slicegpt sweep points s = 0.05 … 0.4 calibrated on code (`python-stdlib`, HumanEval's domain)
+# and on the laws study's Wikipedia text (each point sliced, evaluated, deleted), and the
+# plain/rms cut at an equal budget of 85 % of the parameters, calibrated on code.
 # Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
 # each, with its HumanEval samples file); every finished HumanEval problem is appended to the
 # record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
@@ -14,12 +15,14 @@
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
 #   bash benches/generation_study.sh smol_lambada   # ≈ 30 min: SmolLM2's generative law
 #   bash benches/generation_study.sh collapse   # seconds: docs/results/laws/collapse.md
-#   bash benches/generation_study.sh fits   # seconds: docs/results/laws/generation-{qwen,smol}-*
+#   bash benches/generation_study.sh fits   # seconds: docs/results/laws/generation-{qwen-code,qwen,smol}-*
 # Runtimes, rough estimates (not measurements): on 2 CPU cores Qwen-1.5B in bfloat16 generates
 # roughly 5–10 tokens/s. A HumanEval completion is ≈ 50–200 tokens when the model stops at a new
 # top-level statement, up to the 512-token cap when it loops (collapsed cuts at large s): ≈ 0.5–3 h
 # per model, up to ≈ 5 h for a collapsed one; lambada_generate (words of 1–4 tokens) ≈ 10–30 min;
-# a slicegpt cut ≈ 10–15 min (each point calibrates). Eight models: ≈ 10–40 h in all.
+# a slicegpt cut ≈ 10–15 min (each point calibrates). Fourteen models: ≈ 15–60 h in all; the
+# Wikipedia-calibrated points run last (their completions run to the cap: ≈ 2.5 h of HumanEval
+# each on one core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -31,23 +34,43 @@ OUT=docs/results/laws
 WORK=${WORK:-bench-out/generation}
 QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
 S="0.05 0.1 0.2 0.25 0.3 0.4"
+# Code calibration, otherwise the laws' protocol: Qwen calibrated on Wikipedia prose answers
+# HumanEval's prompts in prose from s = 0.05 on (P(indented first token) 0.999 dense, 0.002 —
+# 0.999 calibrated on code), so its HumanEval measures the calibration's domain, not the cut.
+CODE_CALIB="--calib python-stdlib --nsamples 32 --calib-seqlen 512"
 # --limit 500 caps lambada_generate at 500 passages and leaves HumanEval whole (164 < 500).
 GENERATE="--ppl none --tasks humaneval,lambada_generate --limit 500 --batch-size 4 --dtype bfloat16"
 
 qwen() {
     local s
-    for s in $S; do  # the dense point first (dense.json), once
-        sweep_point $G/qwen1.5b-slicegpt "$s" "$QWEN" --format slicegpt $CALIB $GENERATE
+    share_dense $G/qwen1.5b-slicegpt $G/qwen1.5b-slicegpt-code
+    for s in $S; do
+        sweep_point $G/qwen1.5b-slicegpt-code "$s" "$QWEN" --format slicegpt $CODE_CALIB $GENERATE
     done
     # The best cut at an equal budget: plain/rms at 85 % of the parameters.
-    local name=qwen1.5b-b0.85-plain-rms
+    local name=qwen1.5b-b0.85-plain-rms-code
     local out=$WORK/$name file=$G/budget/$name.json
     if [ ! -f "$file" ]; then
         mkdir -p "$WORK" "$G/budget"
-        [ -f "$out/config.json" ] || dimcut slice qwen2.5-coder-1.5b --target-params 0.85 --format plain --weighting rms $CALIB -o "$out" --overwrite
+        [ -f "$out/config.json" ] || dimcut slice qwen2.5-coder-1.5b --target-params 0.85 --format plain --weighting rms $CODE_CALIB -o "$out" --overwrite
         record "$file" dimcut eval "$out" --label Qwen2.5-Coder-1.5B $GENERATE -o "$file"
         land "${file%.json}.humaneval.jsonl"
         rm -rf "$out"
+    fi
+    # The contrast: the laws' Wikipedia calibration (long: its completions run to the cap).
+    share_dense $G/qwen1.5b-slicegpt-code $G/qwen1.5b-slicegpt
+    for s in $S; do
+        sweep_point $G/qwen1.5b-slicegpt "$s" "$QWEN" --format slicegpt $CALIB $GENERATE
+    done
+}
+
+# share_dense FROM TO: the dense point of sweep FROM (record and samples), copied into sweep TO
+# unless TO has its own: the dense model is evaluated once whatever the cuts are calibrated on.
+share_dense() {
+    local from=$1/dense to=$2
+    mkdir -p "$to"
+    if [ ! -f "$to/dense.json" ] && [ -f "$from.json" ]; then
+        cp "$from.json" "$from.humaneval.jsonl" "$to/"
     fi
 }
 
@@ -91,7 +114,8 @@ smol_lambada() {
 collapse() {
     mkdir -p $OUT
     python3 benches/collapse_table.py -o $OUT/collapse.md \
-        "Qwen-1.5B slicegpt=$G/qwen1.5b-slicegpt" \
+        "Qwen-1.5B slicegpt, calibrated on code=$G/qwen1.5b-slicegpt-code" \
+        "Qwen-1.5B slicegpt, calibrated on Wikipedia=$G/qwen1.5b-slicegpt" \
         "SmolLM2 slicegpt=$G/smollm2-slicegpt" \
         "SmolLM2 slicegpt, healed 50 steps=$G/smollm2-slicegpt-healed50"
 }
@@ -101,6 +125,7 @@ collapse() {
 # records (Qwen's, SmolLM2's LAMBADA one). A point where a task scores 0 (nothing passes: ln 0)
 # is outside the law's domain: its copy for the fit leaves that task out, and the tables say so.
 fits() {
+    fit_sweep $G/qwen1.5b-slicegpt-code generation-qwen-code
     fit_sweep $G/qwen1.5b-slicegpt generation-qwen
     fit_sweep $G/smollm2-slicegpt-lambada generation-smol
 }

