@@ -156,9 +156,9 @@ def lambada_offline_documents() -> list[str]:
     return [f"{doc['query']} {doc['answers_text'][0]}" for doc in docs]
 
 
-def _name_bucket(title: str) -> int:
-    # A hash, not the title order, decides the part, so both parts cover every topic.
-    return int.from_bytes(hashlib.sha256(title.encode("utf-8")).digest()[:8], "big") % 10
+def _name_bucket(name: str) -> int:
+    # A hash, not the order of the names, decides the part, so both parts cover every topic.
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % 10
 
 
 def _split_column(source: str, text_column: str | None) -> tuple[Path, str | None]:
