@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dimcut
+from dimcut.bench.report import markdown
 from dimcut.evaluation.humaneval import load_problems
 
 
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{found.most_common!r} ({found.count} of {len(prompts)})",
             ]
         )
-    table = "\n".join(
-        "| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows]
-    )
+    table = "\n".join(markdown(header, rows))
     if args.output:
         args.output.write_text(table + "\n", encoding="utf-8")
     else:

@@ -27,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-source benches/measure.sh  # CALIB, landed, land, record, sweep_point
+source benches/measure.sh  # CALIB, landed, land, record, share_dense, sweep_point
 
 G=docs/results/generation
 OUT=docs/results/laws
@@ -35,8 +35,9 @@ WORK=${WORK:-bench-out/generation}
 QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
 S="0.05 0.1 0.2 0.25 0.3 0.4"
 # Code calibration, otherwise the laws' protocol: Qwen calibrated on Wikipedia prose answers
-# HumanEval's prompts in prose from s = 0.05 on (P(indented first token) 0.999 dense, 0.002 —
-# 0.999 calibrated on code), so its HumanEval measures the calibration's domain, not the cut.
+# HumanEval's prompts in prose from s = 0.05 on (P(indented first token), benches/first_token.py:
+# 0.997 dense, 0.063 — 0.997 calibrated on code), so its HumanEval measures the calibration's
+# domain, not the cut.
 CODE_CALIB="--calib python-stdlib --nsamples 32 --calib-seqlen 512"
 # --limit 500 caps lambada_generate at 500 passages and leaves HumanEval whole (164 < 500).
 GENERATE="--ppl none --tasks humaneval,lambada_generate --limit 500 --batch-size 4 --dtype bfloat16"
@@ -64,16 +65,6 @@ qwen() {
     done
 }
 
-# share_dense FROM TO: the dense point of sweep FROM (record and samples), copied into sweep TO
-# unless TO has its own: the dense model is evaluated once whatever the cuts are calibrated on.
-share_dense() {
-    local from=$1/dense to=$2
-    mkdir -p "$to"
-    if [ ! -f "$to/dense.json" ] && [ -f "$from.json" ]; then
-        cp "$from.json" "$from.humaneval.jsonl" "$to/"
-    fi
-}
-
 # Collapse at small scale, healed and not: SmolLM2's slicegpt sweep out to s = 0.6, each point's
 # HumanEval completions measured for repetition and loops (its pass@1 is near 0 at 135 M
 # parameters: the completions are what is measured), then the same points healed 50 steps on
@@ -88,11 +79,7 @@ smol() {
     for s in $SMOL_S; do
         sweep_point $G/smollm2-slicegpt "$s" "$SMOL" --format slicegpt $CALIB $COLLAPSE
     done
-    [ -f $G/smollm2-slicegpt-healed50/dense.json ] || {
-        mkdir -p $G/smollm2-slicegpt-healed50
-        cp $G/smollm2-slicegpt/dense.json $G/smollm2-slicegpt/dense.humaneval.jsonl \
-            $G/smollm2-slicegpt-healed50/
-    }
+    share_dense $G/smollm2-slicegpt $G/smollm2-slicegpt-healed50
     for s in $SMOL_S; do
         sweep_point $G/smollm2-slicegpt-healed50 "$s" "$SMOL" --format slicegpt $CALIB \
             --heal-steps 50 --heal-data wiki-offline $COLLAPSE

@@ -18,6 +18,20 @@ landed() {
     return 1
 }
 
+# share_dense FROM TO: sweep FROM's dense point (its record, and its HumanEval samples where it
+# has them) copied into sweep TO unless TO has its own: one dense evaluation serves every sweep of
+# a model under the same evaluation options, whatever their cuts are.
+share_dense() {
+    local from=$1 to=$2 file
+    if [ -f "$to/dense.json" ] || [ ! -f "$from/dense.json" ]; then
+        return 0
+    fi
+    mkdir -p "$to"
+    for file in "$from/dense.json" "$from/dense.humaneval.jsonl"; do
+        if [ -f "$file" ]; then cp "$file" "$to/"; fi
+    done
+}
+
 # record FILE COMMAND...: run COMMAND (which writes FILE) unless FILE exists.
 record() {
     local file=$1

@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-source benches/measure.sh  # CALIB, PPL (its --tasks none), landed, land, sweep_point
+source benches/measure.sh  # CALIB, PPL (its --tasks none), landed, land, share_dense, sweep_point
 
 R=docs/results/runs
 OUT=docs/results/laws
@@ -34,13 +34,11 @@ SMOL="smollm2 --label SmolLM2-135M-Instruct"
 QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
 
 # method_sweep RUNS MODEL SPARSITIES [options...]: every point of one sweep, the dense record
-# copied from FROM_DENSE when that exists (one dense evaluation serves every method).
+# shared from the sweep FROM_DENSE when that has one (one dense evaluation serves every method).
 method_sweep() {
     local runs=$1 model=$2 sparsities=$3 s
     shift 3
-    if [ ! -f "$runs/dense.json" ] && [ -n "${FROM_DENSE:-}" ] && [ -f "$FROM_DENSE" ]; then
-        mkdir -p "$runs" && cp "$FROM_DENSE" "$runs/dense.json"
-    fi
+    if [ -n "${FROM_DENSE:-}" ]; then share_dense "$FROM_DENSE" "$runs"; fi
     for s in $sparsities; do
         sweep_point "$runs" "$s" "$model" "$@"
     done
@@ -48,7 +46,7 @@ method_sweep() {
 
 smol() {
     local m
-    export FROM_DENSE=$R/smollm2-plain-rms/dense.json  # float32, this protocol
+    export FROM_DENSE=$R/smollm2-plain-rms  # float32, this protocol
     for m in channels random; do
         method_sweep $R/smollm2-plain-$m "$SMOL" "$PLAIN_S" --format plain --method $m $CALIB $TEXTS
     done
@@ -57,7 +55,7 @@ smol() {
 
 qwen() {
     local m
-    export FROM_DENSE=$R/qwen1.5b-plain-channels/dense.json  # the first sweep's, bfloat16
+    export FROM_DENSE=$R/qwen1.5b-plain-channels  # the first sweep's, bfloat16
     for m in channels random layers rms; do
         local method=(--method $m)
         [ $m = rms ] && method=(--method pca --weighting rms)  # the PCA contrast
