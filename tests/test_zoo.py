@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from dimcut import zoo
 from dimcut.architectures import load_architecture
+from helpers import run_cli
 from tiny_models import VOCAB, build_tokenizer, save_tiny_model
 
 TOKENS = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -322,6 +323,47 @@ def test_a_directory_is_returned_as_is(fake_model, tmp_path, monkeypatch):
     assert zoo.resolve_model("tiny-fake") == Path("tiny-fake")
     assert zoo.resolve_model(tmp_path / "elsewhere") == tmp_path / "elsewhere"
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_alias_calibrates_on_the_text_its_model_serves(
+    fake_model, tmp_path, monkeypatch, capsys
+):
+    from dimcut import data_sources
+
+    text = tmp_path / "served.txt"
+    text.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(200)))
+    monkeypatch.setitem(zoo.ZOO, "tiny-fake", replace(fake_model, calibration=str(text)))
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+    cut = ["--sparsity", "0.25", "--nsamples", "2", "--seqlen", "16"]
+
+    code, printed = run_cli(["slice", "tiny-fake", "-o", tmp_path / "served", *cut], capsys)
+    assert code == 0, printed
+    assert f"--calib {text}, the text tiny-fake serves" in printed
+    config = json.loads((tmp_path / "served" / "config.json").read_text())
+    assert config["dimcut"]["calibration"]["source"] == data_sources.source_key(str(text), "train")
+
+    given = ["slice", "tiny-fake", "-o", tmp_path / "builtin", "--calib", "builtin", *cut]
+    code, printed = run_cli(given, capsys)
+    assert code == 0, printed
+    assert "serves" not in printed
+    config = json.loads((tmp_path / "builtin" / "config.json").read_text())
+    assert config["dimcut"]["calibration"]["source"] == "builtin"
+
+
+def test_the_coder_models_default_to_code():
+    assert zoo.default_calibration("qwen2.5-coder-1.5b") == "python-stdlib"
+    assert zoo.default_calibration("qwen2.5-coder-0.5b") == "python-stdlib"
+    assert zoo.default_calibration("smollm2") is None
+    assert zoo.default_calibration("Qwen/Qwen2.5-Coder-1.5B-Instruct") is None
+    assert zoo.text_or_default("wiki-offline", "qwen2.5-coder-1.5b", "--calib", False) == (
+        "wiki-offline"
+    )
+
+
+def test_a_directory_named_like_an_alias_keeps_the_builtin_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qwen2.5-coder-1.5b").mkdir()
+    assert zoo.default_calibration("qwen2.5-coder-1.5b") is None
 
 
 def test_the_cache_dir_defaults_to_the_environment(monkeypatch, tmp_path):

@@ -777,8 +777,9 @@ def add_cut_arguments(parser, *, seqlen_alias: bool) -> None:
         default=None,
         help="calibration text: a .txt file or folder, JSONL/Parquet/Arrow, a save_to_disk "
         "directory, 'wiki-offline' (Wikipedia summaries), 'python-stdlib' (this Python's "
-        "standard library source: calibrate a code model on code), or a hub dataset when online "
-        "(default: the corpus shipped with dimcut)",
+        "standard library source: calibrate a code model on code), 'builtin' (the corpus "
+        "shipped with dimcut, Wikipedia summaries), or a hub dataset when online (default: "
+        "python-stdlib for the offline coder models, builtin otherwise)",
     )
     parser.add_argument(
         "--nsamples", type=int, default=128, help="calibration sequences (default 128)"
@@ -818,7 +819,7 @@ def cut_options(args) -> dict:
     return {
         "fmt": args.format,
         "weighting": args.weighting,
-        "calib": args.calib,
+        "calib": zoo.text_or_default(args.calib, args.model, "--calib", args.quiet),
         "nsamples": args.nsamples,
         "seqlen": args.calib_seqlen,
         "calib_dtype": args.calib_dtype,

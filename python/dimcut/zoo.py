@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from dimcut.data_sources import PYTHON_STDLIB
 from dimcut.runtime import GIB, atomic_write
 
 CACHE_ENV = "DIMCUT_CACHE"
@@ -81,6 +83,10 @@ class ZooModel:
     total_bytes: int
     sha256: str
     dtype: OutputDtype
+    # The text `--calib` and `dimcut heal --data` default to: what the model serves. Calibrated
+    # on Wikipedia, Qwen2.5-Coder-1.5B answers HumanEval in prose from s = 0.05 on
+    # (docs/results/laws.md, "Generation"). None: dimcut's built-in corpus.
+    calibration: str | None = None
 
     @property
     def install_command(self) -> str:
@@ -124,6 +130,7 @@ ZOO_MODELS = (
         total_bytes=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         dtype=OutputDtype.BFLOAT16,
+        calibration=PYTHON_STDLIB,
     ),
     # Made from an AWQ model and re-quantised (mostly Q5_0): a test subject, not a reference.
     ZooModel(
@@ -134,6 +141,7 @@ ZOO_MODELS = (
         total_bytes=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         dtype=OutputDtype.BFLOAT16,
+        calibration=PYTHON_STDLIB,
     ),
 )
 ZOO: dict[str, ZooModel] = {model.alias: model for model in ZOO_MODELS}
@@ -149,6 +157,26 @@ REVISION_HELP = (
     "branch, tag or commit of a Hugging Face model ID (default: main); not for a directory "
     "or an offline alias"
 )
+
+
+def default_calibration(model: str | Path) -> str | None:
+    """The text source `model` calibrates and heals on when none is given: its zoo entry's (an
+    existing directory of that name is not the zoo model); None for dimcut's built-in corpus."""
+    entry = ZOO.get(str(model))
+    return entry.calibration if entry is not None and not Path(model).exists() else None
+
+
+def text_or_default(given: str | None, model: str | Path, option: str, quiet: bool) -> str | None:
+    """`given`, else `default_calibration(model)`, which is said on stderr unless `quiet`."""
+    if given is not None:
+        return given
+    default = default_calibration(model)
+    if default is not None and not quiet:
+        print(
+            f"dimcut: {option} {default}, the text {model} serves (give {option} to choose)",
+            file=sys.stderr,
+        )
+    return default
 
 
 def default_cache_dir() -> Path:

@@ -8,7 +8,7 @@ from dimcut.healing.adapters import LoraSettings
 from dimcut.healing.losses import Loss
 from dimcut.healing.run import PRECISIONS, HealOptions, heal, interrupted_hint
 from dimcut.runtime import Device
-from dimcut.zoo import MODEL_HELP, REVISION_HELP, resolve_model
+from dimcut.zoo import MODEL_HELP, REVISION_HELP, resolve_model, text_or_default
 
 DEFAULTS = HealOptions()
 
@@ -35,8 +35,9 @@ def add_commands(subparsers) -> None:
     data.add_argument(
         "--data",
         default=None,
-        help="a text source as for `dimcut slice --calib` (its train part; default: the "
-        "corpus shipped with dimcut, disjoint from wiki-offline's test part)",
+        help="a text source as for `dimcut slice --calib` (its train part; default: "
+        "python-stdlib when --teacher is an offline coder model, else the corpus shipped with "
+        "dimcut, disjoint from wiki-offline's test part)",
     )
     data.add_argument(
         "--steps",
@@ -150,7 +151,7 @@ def _run_heal(args) -> int:
         lora=LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout),
         train_shortcuts=args.train_shortcuts,
         shortcut_lr=args.shortcut_lr,
-        data=args.data,
+        data=text_or_default(args.data, args.teacher, "--data", args.quiet),
         seed=args.seed,
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
