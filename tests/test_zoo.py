@@ -325,7 +325,7 @@ def test_a_directory_is_returned_as_is(fake_model, tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
-def test_an_alias_calibrates_on_the_text_its_model_serves(
+def test_an_alias_calibrates_and_heals_on_the_text_its_model_serves(
     fake_model, tmp_path, monkeypatch, capsys
 ):
     from dimcut import data_sources
@@ -348,6 +348,14 @@ def test_an_alias_calibrates_on_the_text_its_model_serves(
     assert "serves" not in printed
     config = json.loads((tmp_path / "builtin" / "config.json").read_text())
     assert config["dimcut"]["calibration"]["source"] == "builtin"
+
+    # The heal's text defaults by its teacher.
+    heal = ["heal", tmp_path / "builtin", "--teacher", "tiny-fake", "-o", tmp_path / "healed"]
+    code, printed = run_cli([*heal, "--steps", "1", "--seqlen", "16", "--batch-size", "1"], capsys)
+    assert code == 0, printed
+    assert f"--data {text}, the text tiny-fake serves" in printed
+    config = json.loads((tmp_path / "healed" / "config.json").read_text())
+    assert config["dimcut"]["heal"]["data"]["source"] == data_sources.source_key(str(text), "train")
 
 
 def test_the_coder_models_default_to_code():
