@@ -10,9 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
+source benches/measure.sh  # CALIB, share_dense
+
 R=docs/results/runs
 OUT=docs/results/laws
-CALIB="--calib wiki-offline --nsamples 32 --calib-seqlen 512"
 TEXTS="--ppl wiki-offline,lambada-offline --ppl-seqlen 2048 --ppl-windows 4 --batch-size 4"
 QWEN_TASKS="--ppl none --tasks arc_easy,arc_challenge,piqa,winogrande,hellaswag --limit 500 --batch-size 4 --dtype bfloat16"
 S="0.05,0.1,0.15,0.2,0.25,0.3,0.4"
@@ -32,7 +33,7 @@ sweeps() {
     # records of their own (`--ppl none`) that `dimcut fit` merges with the float32 perplexities
     # of the same cuts (same fingerprints). s = 0.25 first: the point both formats are compared at.
     dimcut sweep $QWEN --sparsities 0.25 -o $R/qwen1.5b-slicegpt-tasks --format slicegpt $CALIB $QWEN_TASKS
-    [ -f $R/qwen1.5b-plain-rms-tasks/dense.json ] || { mkdir -p $R/qwen1.5b-plain-rms-tasks; cp $R/qwen1.5b-slicegpt-tasks/dense.json $R/qwen1.5b-plain-rms-tasks/; }
+    share_dense $R/qwen1.5b-slicegpt-tasks $R/qwen1.5b-plain-rms-tasks
     dimcut sweep $QWEN --sparsities 0.25 -o $R/qwen1.5b-plain-rms-tasks --format plain --weighting rms $CALIB $QWEN_TASKS
     dimcut sweep $QWEN --sparsities $S -o $R/qwen1.5b-slicegpt-tasks --format slicegpt $CALIB $QWEN_TASKS
     dimcut sweep $SMOL --sparsities 0.1,0.2,0.3,0.4 -o $R/smollm2-slicegpt-healed50 --format slicegpt --heal-steps 50 --heal-data wiki-offline $CALIB $TEXTS --tasks none

@@ -159,11 +159,16 @@ REVISION_HELP = (
 )
 
 
+def zoo_entry(model: str | Path) -> ZooModel | None:
+    """The zoo model `model` names: an alias that is not also an existing path."""
+    return None if Path(model).exists() else ZOO.get(str(model))
+
+
 def default_calibration(model: str | Path) -> str | None:
-    """The text source `model` calibrates and heals on when none is given: its zoo entry's (an
-    existing directory of that name is not the zoo model); None for dimcut's built-in corpus."""
-    entry = ZOO.get(str(model))
-    return entry.calibration if entry is not None and not Path(model).exists() else None
+    """The text source `model` calibrates and heals on when none is given: its zoo entry's; None
+    for dimcut's built-in corpus."""
+    entry = zoo_entry(model)
+    return entry.calibration if entry is not None else None
 
 
 def text_or_default(given: str | None, model: str | Path, option: str, quiet: bool) -> str | None:
@@ -199,15 +204,15 @@ def resolve_model(
     `cache_dir` is the zoo's cache; a `revision` is refused for anything but a model ID."""
     path = Path(model)
     name = str(model)
-    local = path.exists()
-    if local or name in ZOO:
+    entry = zoo_entry(model)
+    if entry is not None or path.exists():
         if revision is not None:
-            what = "the local directory" if local else "the offline model"
+            what = "the offline model" if entry is not None else "the local directory"
             raise ValueError(
                 f"--revision {revision} applies to Hugging Face model IDs only, not to {what} "
                 f"{name}"
             )
-        return path if local else zoo_checkpoint(ZOO[name], cache_dir, progress=progress)
+        return path if entry is None else zoo_checkpoint(entry, cache_dir, progress=progress)
     from dimcut import hub
 
     if hub.is_repo_id(name):
