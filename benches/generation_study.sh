@@ -33,7 +33,8 @@ G=docs/results/generation
 OUT=docs/results/laws
 WORK=${WORK:-bench-out/generation}
 QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
-S="0.05 0.1 0.2 0.25 0.3 0.4"
+# QWEN_S chooses points, so two cores can each run some: QWEN_S="0.25" … qwen beside QWEN_S="0.2 0.3".
+S=${QWEN_S:-"0.05 0.1 0.2 0.25 0.3 0.4"}
 # Code calibration, otherwise the laws' protocol: Qwen calibrated on Wikipedia prose answers
 # HumanEval's prompts in prose from s = 0.05 on (P(indented first token), benches/first_token.py:
 # 0.997 dense, 0.063 — 0.997 calibrated on code), so its HumanEval measures the calibration's
