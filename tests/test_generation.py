@@ -19,6 +19,7 @@ from dimcut.evaluation.generation import (
     Generation,
     GreedyGenerator,
     StopSequences,
+    generate_in_order,
 )
 from dimcut.evaluation.humaneval import (
     STOP_SEQUENCES,
@@ -226,23 +227,19 @@ class ScriptedGenerator:
     def check_fits(self, labels, prompts, new_tokens):
         pass
 
-    def generate(self, prompts, stop, max_new_tokens, progress=None):
+    def generate(self, prompts, stop, max_new_tokens):
         self.generated += prompts
-        if progress is not None:
-            progress.update(len(prompts))
-        results = []
-        for prompt in prompts:
-            text = self.continuations[prompt]
+        for index in reversed(range(len(prompts))):  # out of order, as rows may finish
+            text = self.continuations[prompts[index]]
             end = stop.end(text)
             cut = text if end is None else text[:end]
-            results.append(Generation(cut, Finish.EOS if end is None else Finish.STOP, 1))
-        return results
+            yield index, Generation(cut, Finish.EOS if end is None else Finish.STOP, 1)
 
 
 def test_canonical_completions_score_pass_at_1_of_one(problems, tmp_path):
     canonical = ScriptedGenerator({p.prompt: p.canonical_solution for p in problems[:3]})
     samples = SamplesFile(tmp_path / "s.jsonl", "key")
-    entry = evaluate_humaneval(canonical, problems, limit=3, samples=samples, batch_size=2)
+    entry = evaluate_humaneval(canonical, problems, limit=3, samples=samples)
     assert entry["pass@1"] == entry["headline"] == 1.0 and entry["n"] == 3
     assert entry["rows"] == 164 and entry["outcomes"] == {"passed": 3, "failed": 0, "timeout": 0}
     assert entry["pass@1_stderr"] == 0.0
@@ -263,7 +260,12 @@ def test_finished_problems_are_not_generated_again(problems, tmp_path):
     entry = evaluate_humaneval(again, problems, limit=3, samples=samples)
     assert again.generated == [problems[2].prompt] and entry["pass@1"] == 1.0
     lines = samples.path.read_text().splitlines()
-    assert [json.loads(line)["task_id"] for line in lines] == [p.task_id for p in problems[:3]]
+    # one line per problem, in the order they finished (the scripted rows end last first)
+    assert [json.loads(line)["task_id"] for line in lines] == [
+        "HumanEval/1",
+        "HumanEval/0",
+        "HumanEval/2",
+    ]
     other_model = ScriptedGenerator(continuations)
     evaluate_humaneval(other_model, problems, limit=3, samples=SamplesFile(samples.path, "other"))
     assert len(other_model.generated) == 3  # another model (key) shares nothing
@@ -309,16 +311,76 @@ def long_context_llama(tiny_llama_dir, tmp_path_factory):
     return model
 
 
-def test_batched_left_padded_generation_equals_one_at_a_time(long_context_llama):
+PROMPTS = [
+    "def f(x):\n",
+    "The quick brown fox jumps over the lazy dog and",
+    "Paris",
+    "import os\nimport sys\n\n\ndef main(argv):\n    ",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+    "1, 2, 3,",
+    "class Stack:\n    def push(self, item):",
+]
+
+
+@pytest.fixture(scope="module")
+def sliced_long_context(long_context_llama, tmp_path_factory):
+    """The same model cut to the slicegpt format (its shortcut matrices patched into the stock
+    architecture)."""
+    import dimcut
+
+    out = tmp_path_factory.mktemp("sliced") / "model"
+    dimcut.slice_model(long_context_llama, 0.25, out, fmt="slicegpt", calib="builtin",
+                       nsamples=4, seqlen=32, seed=0, progress=False)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(("model_name", "batch_size"), [("dense", 2), ("dense", 3), ("sliced", 3)])
+def test_continuous_batching_equals_transformers_generate_one_at_a_time(
+    long_context_llama, sliced_long_context, model_name, batch_size
+):
+    """The oracle: transformers' own greedy `generate`, one prompt at a time (no padding), in
+    float64 so that rounding cannot flip an argmax. Rows of different lengths end at different
+    steps (the stop rule, the cap), so prompts join a batch whose rows are mid-completion."""
+    import torch
+    from transformers import GenerationConfig
+
     from dimcut import formats
 
-    model, tokenizer = formats.load(long_context_llama)
-    prompts = ["def f(x):\n", "The quick brown fox jumps over the lazy dog and", "Paris"]
-    stop = StopSequences(("\n\n",))
-    one = GreedyGenerator(model, tokenizer, batch_size=1).generate(prompts, stop, 12)
-    batched = GreedyGenerator(model, tokenizer, batch_size=3).generate(prompts, stop, 12)
-    assert [g.text for g in batched] == [g.text for g in one]
-    assert all(0 < g.new_tokens <= 12 for g in one)
+    model_dir = long_context_llama if model_name == "dense" else sliced_long_context
+    model, tokenizer = formats.load(model_dir)
+    model = model.to(torch.float64)
+    stop = StopSequences(("c",))  # the random model writes it at varied places: rows end apart
+    generator = GreedyGenerator(model, tokenizer, batch_size=batch_size)
+    config = GenerationConfig(max_new_tokens=20, do_sample=False, eos_token_id=generator.eos)
+    expected = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        tokens = model.generate(input_ids=ids, generation_config=config)[0, ids.shape[1] :].tolist()
+        for count in range(1, len(tokens) + 1):  # transformers runs on to the cap or EOS
+            if tokens[count - 1] in generator.eos:
+                text = tokenizer.decode(tokens[: count - 1], skip_special_tokens=True)
+                expected.append(Generation(text, Finish.EOS, count - 1))
+                break
+            text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
+            if (end := stop.end(text)) is not None:
+                expected.append(Generation(text[:end], Finish.STOP, count))
+                break
+        else:
+            expected.append(Generation(text, Finish.LENGTH, len(tokens)))
+    got = generate_in_order(generator, PROMPTS, stop, 20)
+    steps = generator.steps
+    order = [index for index, _ in generator.generate(PROMPTS, stop, 20)]
+    assert [g.text for g in got] == [g.text for g in expected]
+    assert [g.finish for g in got] == [g.finish for g in expected]
+    assert [g.new_tokens for g in got] == [g.new_tokens for g in expected]
+    assert sorted(order) == list(range(len(PROMPTS)))
+    assert order != sorted(order)  # a later prompt finished first: rows were refilled
+    # rows share steps, and a finished row's place is refilled: fewer steps than one prompt at
+    # a time, and than static batches that each wait for their longest row
+    lengths = [g.new_tokens for g in got]
+    static = sum(max(lengths[i : i + batch_size]) - 1 for i in range(0, len(lengths), batch_size))
+    assert steps < static < sum(n - 1 for n in lengths)
+    assert {g.finish for g in got} >= {Finish.STOP, Finish.LENGTH}
 
 
 def test_dimcut_eval_humaneval_writes_samples_and_resumes(

@@ -122,7 +122,7 @@ def add_evaluation_arguments(parser) -> None:
         "--batch-size",
         type=int,
         default=1,
-        help="perplexity windows / lm-eval requests / generated prompts per batch (default 1)",
+        help="perplexity windows / lm-eval requests / prompts generating at once (default 1)",
     )
     parser.add_argument(
         "--scorer",

@@ -1,6 +1,6 @@
-"""Greedy generation for the generative tasks: batched, left-padded, with the KV cache, through
-transformers' `generate` on the loaded model; each row ends at its task's stop rule, at the
-end-of-sequence token, or after `max_new_tokens`.
+"""Greedy generation for the generative tasks: continuously batched, with the KV cache, on the
+loaded model's forward pass; each row ends at its task's stop rule, at the end-of-sequence token,
+or after `max_new_tokens`, and its place in the batch goes to the next prompt.
 
 The tasks take any object with `check_fits` and `generate` (the `Generator` protocol), so their
 scoring runs on injected completions as well as on a model.
@@ -12,7 +12,7 @@ import enum
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,17 +83,34 @@ class Generator(Protocol):
         """ValueError naming the first prompt that leaves no room for `new_tokens`."""
 
     def generate(
-        self,
-        prompts: Sequence[str],
-        stop: StopRule,
-        max_new_tokens: int,
-        progress: Progress | None = None,
-    ) -> list[Generation]:
-        """One generation per prompt; `progress.update(n)` as each n prompts finish."""
+        self, prompts: Sequence[str], stop: StopRule, max_new_tokens: int
+    ) -> Iterator[tuple[int, Generation]]:
+        """One generation per prompt, yielded with the prompt's index as each finishes (not
+        necessarily in order)."""
+
+
+def generate_in_order(
+    generator: Generator,
+    prompts: Sequence[str],
+    stop: StopRule,
+    max_new_tokens: int,
+    progress: Progress | None = None,
+) -> list[Generation]:
+    """`generator.generate`'s generations in prompt order; `progress.update(1)` as each ends."""
+    found: dict[int, Generation] = {}
+    for index, generation in generator.generate(prompts, stop, max_new_tokens):
+        found[index] = generation
+        if progress is not None:
+            progress.update(1)
+    return [found[index] for index in range(len(prompts))]
 
 
 class GreedyGenerator:
-    """Greedy decoding on a loaded causal LM, `batch_size` prompts at a time."""
+    """Greedy decoding on a loaded causal LM with continuous batching: `batch_size` rows decode
+    together, and a finished row's place goes at once to the next prompt, so no step is spent
+    on rows that have ended (a static batch waits for its longest completion; HumanEval's
+    lengths vary tenfold). Each prompt is prefilled alone and its KV cache joins the batch's,
+    left-padded to a common width and masked."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 1):
         if batch_size < 1:
@@ -101,14 +118,11 @@ class GreedyGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.steps = 0  # batched decode steps run (prefills apart): what batching saves
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
-        # Padding is masked out; an end-of-sequence id also marks rows that finished early.
-        self.pad = self.eos[0] if self.eos else tokenizer.pad_token_id
-        if self.pad is None:
-            raise ValueError("the tokenizer has neither an end-of-sequence nor a padding token")
         self.context = getattr(model.config, "max_position_embeddings", None)
 
     def _encode(self, prompt: str) -> list[int]:
@@ -127,48 +141,47 @@ class GreedyGenerator:
                 )
 
     def generate(
-        self,
-        prompts: Sequence[str],
-        stop: StopRule,
-        max_new_tokens: int,
-        progress: Progress | None = None,
-    ) -> list[Generation]:
-        results = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = prompts[start : start + self.batch_size]
-            results += self._batch(batch, stop, max_new_tokens)
-            if progress is not None:
-                progress.update(len(batch))
-        return results
-
-    def _batch(self, prompts: Sequence[str], stop: StopRule, max_new_tokens: int):
+        self, prompts: Sequence[str], stop: StopRule, max_new_tokens: int
+    ) -> Iterator[tuple[int, Generation]]:
         import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
 
-        encoded = [self._encode(prompt) for prompt in prompts]
-        width = max(map(len, encoded))
-        device = self.model.device
-        input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):  # left padding: every row's next token is last
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        config = GenerationConfig(  # not the checkpoint's: its sampling settings must not apply
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=self.eos or None,
-            pad_token_id=self.pad,
-        )
+        waiting = list(enumerate(prompts))[::-1]  # popped from the end: prompt order
+        batch = _Batch(self.model.device)
         with torch.no_grad():
-            output = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=config,
-                stopping_criteria=StoppingCriteriaList([_stop_criterion(self, stop, width)]),
-            )
-        return [self._finish(row[width:].tolist(), stop) for row in output.cpu()]
+            while waiting or batch.rows:
+                while waiting and len(batch.rows) < self.batch_size:
+                    index, prompt = waiting.pop()
+                    row, cache = self._prefill(index, prompt)
+                    if self._ended(row, stop, max_new_tokens):
+                        yield row.index, self._finish(row.tokens, stop)
+                    else:
+                        batch.admit(row, cache)
+                if not batch.rows:
+                    continue
+                batch.step(self.model)
+                self.steps += 1
+                ended = [row for row in batch.rows if self._ended(row, stop, max_new_tokens)]
+                for row in ended:
+                    yield row.index, self._finish(row.tokens, stop)
+                batch.drop(ended)
+
+    def _prefill(self, index: int, prompt: str):
+        import torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([self._encode(prompt)], device=self.model.device)
+        # A config-free cache keeps every token, even for sliding-window layers (their mask
+        # still limits what is seen): the batch's caches must line up token for token.
+        cache = DynamicCache()
+        logits = _forward(self.model, ids, None, None, cache)
+        return _Row(index, length=ids.shape[1], tokens=[int(logits[0].argmax())]), cache
+
+    def _ended(self, row: _Row, stop: StopRule, max_new_tokens: int) -> bool:
+        return (
+            row.tokens[-1] in self.eos
+            or len(row.tokens) >= max_new_tokens
+            or stop.end(self.decode(row.tokens)) is not None
+        )
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -183,20 +196,94 @@ class GreedyGenerator:
         return Generation(text, Finish.LENGTH if ended is None else Finish.EOS, len(kept))
 
 
-def _stop_criterion(generator: GreedyGenerator, stop: StopRule, prompt_width: int):
-    """A per-row stopping criterion: a row is done once its decoded continuation ends."""
-    import torch
-    from transformers import StoppingCriteria
+@dataclass
+class _Row:
+    index: int  # the prompt's
+    length: int  # tokens in the KV cache: the prompt, then all but the last generated one
+    tokens: list[int]  # generated so far; the last is fed at the next step
 
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            done = [
-                stop.end(generator.decode(row[prompt_width:].tolist())) is not None
-                for row in input_ids
-            ]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    return _Stop()
+def _forward(model, input_ids, mask, positions, cache):
+    """The next-token logits [rows, vocab] of a forward pass that appends to `cache`. The cache
+    goes fourth by position: transformers 5 renamed that argument (past_key_values → cache)."""
+    output = model(input_ids, mask, positions, cache, use_cache=True, logits_to_keep=1)
+    return output.logits[:, -1]
+
+
+def _layers(cache) -> list[tuple]:
+    """A DynamicCache's (keys, values) per layer, each [batch, heads, tokens, head_dim]."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class _Batch:
+    """The rows decoding together: their KV caches side by side in one DynamicCache, left-padded
+    to one width, with the attention mask that hides the padding. The cache is rebuilt only when
+    a row joins or leaves; a step appends to it in place."""
+
+    def __init__(self, device):
+        self.device = device
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask = None  # [rows, width], 1 where the cache holds a token
+
+    def admit(self, row: _Row, cache) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        mask = torch.ones((1, row.length), dtype=torch.long, device=self.device)
+        if not self.rows:
+            self.rows, self.cache, self.mask = [row], cache, mask
+            return
+        width = max(self.mask.shape[1], row.length)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        layers = [
+            tuple(
+                torch.cat([_left_pad(old, width), _left_pad(new, width)]) for old, new in zip(*pair)
+            )
+            for pair in zip(_layers(self.cache), _layers(cache), strict=True)
+        ]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.rows.append(row)
+
+    def step(self, model) -> None:
+        """One token for every row: feed each row's last token, append the greedy next one."""
+        import torch
+
+        last = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
+        positions = torch.tensor([[row.length] for row in self.rows], device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
+        logits = _forward(model, last, self.mask, positions, self.cache)
+        for row, token in zip(self.rows, logits.argmax(-1).tolist(), strict=True):
+            row.length += 1
+            row.tokens.append(token)
+
+    def drop(self, ended: list[_Row]) -> None:
+        """Remove the ended rows, and the columns that are padding in every row left."""
+        from transformers import DynamicCache
+
+        if not ended:
+            return
+        gone = {row.index for row in ended}
+        keep = [i for i, row in enumerate(self.rows) if row.index not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        start = self.mask.shape[1] - max(row.length for row in self.rows)
+        self.mask = self.mask[keep, start:]
+        layers = [tuple(t[keep, :, start:] for t in pair) for pair in _layers(self.cache)]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+
+
+def _left_pad(tensor, width: int):
+    """`tensor` zero-padded on the left of its token axis (the last for a mask, else -2)."""
+    import torch.nn.functional as F
+
+    missing = width - tensor.shape[-1 if tensor.dim() == 2 else -2]
+    if missing == 0:
+        return tensor
+    pad = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
+    return F.pad(tensor, pad)
 
 
 def mean_stderr(rate: float | None, n: int) -> float | None:

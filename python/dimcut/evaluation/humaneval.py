@@ -6,7 +6,7 @@ sequences or `max_new_tokens`; the program `prompt + completion + "\\n" + test +
 "\\ncheck(entry_point)\\n"` passes when it exits 0 within the timeout.
 
 Every finished problem is appended to a JSONL samples file (its completion and result) as soon as
-its batch is done; a rerun with the same samples file, model and generation settings skips the
+it is done; a rerun with the same samples file, model and generation settings skips the
 problems it holds (a result run under another timeout is executed again from its completion).
 """
 
@@ -77,7 +77,8 @@ def samples_path(results_path: str | Path) -> Path:
 
 def generation_key(model_key: str, dtype: str, max_new_tokens: int) -> str:
     """What a completion depends on: the model, its precision, the prompt protocol and cap.
-    (The batch size changes only float rounding under left padding, so it is left out.)"""
+    (Batching — its size, which prompts share a batch — changes only float rounding under left
+    padding, so it is left out.)"""
     settings = {
         "model": model_key,
         "dtype": dtype,
@@ -133,7 +134,6 @@ def evaluate_humaneval(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     limits: Limits = DEFAULT_LIMITS,
     samples: SamplesFile | None = None,
-    batch_size: int = 1,
 ) -> dict:
     """Greedy pass@1 on the first `limit` problems; the record's task entry
     (docs/results-schema.md)."""
@@ -155,28 +155,24 @@ def evaluate_humaneval(
     pending = [p for p in problems if p.task_id not in done]
     check_fits(generator, pending, max_new_tokens)
     stop = StopSequences(STOP_SEQUENCES)
+    prompts = [problem.prompt for problem in pending]
+    finished = generator.generate(prompts, stop, max_new_tokens) if prompts else ()
     with tqdm(
         total=len(problems), initial=len(problems) - len(pending), desc="humaneval", unit="problem"
     ) as bar:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            generations = generator.generate([p.prompt for p in batch], stop, max_new_tokens, bar)
-            entries = [
-                _executed(
-                    {
-                        "key": samples.key,
-                        "task_id": problem.task_id,
-                        "completion": generation.text,
-                        "finish": generation.finish.value,
-                        "new_tokens": generation.new_tokens,
-                    },
-                    problem,
-                    limits,
-                )
-                for problem, generation in zip(batch, generations, strict=True)
-            ]
-            samples.append(entries)
-            done.update({e["task_id"]: e for e in entries})
+        for index, generation in finished:
+            problem = pending[index]
+            entry = {
+                "key": samples.key,
+                "task_id": problem.task_id,
+                "completion": generation.text,
+                "finish": generation.finish.value,
+                "new_tokens": generation.new_tokens,
+            }
+            entry = _executed(entry, problem, limits)
+            samples.append([entry])
+            done[problem.task_id] = entry
+            bar.update(1)
     results = [done[p.task_id] for p in problems]
     return _entry(
         results,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dimcut import data_sources
-from dimcut.evaluation.generation import FirstWord, Generator, greedy_entry
+from dimcut.evaluation.generation import FirstWord, Generator, generate_in_order, greedy_entry
 
 # A target is one word (the stop rule ends the row at its end); more tokens than this without
 # a word break is a miss whatever follows.
@@ -48,7 +48,7 @@ def evaluate_lambada(
     check_fits(generator, passages)
     contexts = [passage.context for passage in passages]
     with tqdm(total=len(contexts), desc="lambada_generate", unit="passage") as bar:
-        generations = generator.generate(contexts, FirstWord(), MAX_NEW_TOKENS, bar)
+        generations = generate_in_order(generator, contexts, FirstWord(), MAX_NEW_TOKENS, bar)
     words = [g.text.strip() for g in generations]
     hits = sum(word == passage.target for word, passage in zip(words, passages, strict=True))
     return greedy_entry(

@@ -162,7 +162,6 @@ def evaluate(
                     max_new_tokens=max_new_tokens,
                     limits=limits,
                     samples=SamplesFile(samples, key),
-                    batch_size=batch_size,
                 )
             if passages:
                 task_entries["lambada_generate"] = lambada.evaluate_lambada(
