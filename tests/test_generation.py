@@ -25,6 +25,7 @@ from dimcut.evaluation.humaneval import (
     STOP_SEQUENCES,
     SamplesFile,
     evaluate_humaneval,
+    generation_key,
     load_problems,
     program,
 )
@@ -269,6 +270,12 @@ def test_finished_problems_are_not_generated_again(problems, tmp_path):
     other_model = ScriptedGenerator(continuations)
     evaluate_humaneval(other_model, problems, limit=3, samples=SamplesFile(samples.path, "other"))
     assert len(other_model.generated) == 3  # another model (key) shares nothing
+
+
+def test_samples_of_other_end_tokens_are_not_reused():
+    key = generation_key("model", "bfloat16", 512, [151645])
+    assert key == generation_key("model", "bfloat16", 512, [151645])
+    assert key != generation_key("model", "bfloat16", 512, [151645, 151643])
 
 
 def test_lambada_exact_match_with_a_fake_generator():

@@ -317,6 +317,36 @@ def test_an_alias_converts_once_into_the_cache(fake_model, tiny_ggufs, tmp_path,
     assert zoo.resolve_model("tiny-fake", cache_dir=cache) == checkpoint
 
 
+def test_end_tokens_join_the_gguf_end_of_sequence_token(fake_model, tmp_path, monkeypatch):
+    """A GGUF records one end-of-sequence token; the entry's `end_tokens` are added after it,
+    at conversion and in a cache converted before the entry listed them."""
+    from dimcut import formats
+    from dimcut.evaluation.generation import GreedyGenerator
+
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+    checkpoint = zoo.resolve_model("tiny-fake")
+    ids = {
+        t["content"]: t["id"]
+        for t in json.loads((checkpoint / "tokenizer.json").read_text())["added_tokens"]
+    }
+    generation = checkpoint / "generation_config.json"
+    assert json.loads(generation.read_text())["eos_token_id"] == ids["</s>"]
+
+    monkeypatch.setitem(zoo.ZOO, "tiny-fake", replace(fake_model, end_tokens=("<s>",)))
+    assert zoo.resolve_model("tiny-fake") == checkpoint  # the old cache, updated in place
+    assert json.loads(generation.read_text())["eos_token_id"] == [ids["</s>"], ids["<s>"]]
+    written = generation.stat().st_mtime_ns
+    zoo.resolve_model("tiny-fake")
+    assert generation.stat().st_mtime_ns == written  # nothing to add: not rewritten
+    model, tokenizer = formats.load(checkpoint)
+    assert GreedyGenerator(model, tokenizer).eos == [ids["</s>"], ids["<s>"]]
+
+    fresh = zoo.resolve_model("tiny-fake", cache_dir=tmp_path / "fresh")  # converted with them
+    assert json.loads((fresh / "generation_config.json").read_text())["eos_token_id"] == [
+        ids["</s>"], ids["<s>"]
+    ]  # fmt: skip
+
+
 def test_a_directory_is_returned_as_is(fake_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-fake").mkdir()  # a directory named like an alias wins over the alias
@@ -359,6 +389,8 @@ def test_an_alias_calibrates_and_heals_on_the_text_its_model_serves(
 
 
 def test_the_coder_models_default_to_code():
+    for alias in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"):  # as upstream's generation_config
+        assert zoo.ZOO[alias].end_tokens == ("<|endoftext|>",)
     assert zoo.default_calibration("qwen2.5-coder-1.5b") == "python-stdlib"
     assert zoo.default_calibration("qwen2.5-coder-0.5b") == "python-stdlib"
     assert zoo.default_calibration("smollm2") is None

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dimcut.data_sources import PYTHON_STDLIB
-from dimcut.runtime import GIB, atomic_write
+from dimcut.runtime import GIB, atomic_write, atomic_write_text
 
 CACHE_ENV = "DIMCUT_CACHE"
 MAX_SHARD_SIZE = GIB
@@ -87,6 +87,11 @@ class ZooModel:
     # on Wikipedia, Qwen2.5-Coder-1.5B answers HumanEval in prose from s = 0.05 on
     # (docs/results/laws.md, "Generation"). None: dimcut's built-in corpus.
     calibration: str | None = None
+    # Tokens that end a generation besides the GGUF's end-of-sequence token, which is the only
+    # one a GGUF records: those the upstream generation_config lists. Without <|endoftext|>,
+    # Qwen2.5-Coder runs on past the end of its code into a new document (`return x` followed
+    # by `import unittest` on the same line), which fails a correct completion.
+    end_tokens: tuple[str, ...] = ()
 
     @property
     def install_command(self) -> str:
@@ -131,6 +136,7 @@ ZOO_MODELS = (
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         dtype=OutputDtype.BFLOAT16,
         calibration=PYTHON_STDLIB,
+        end_tokens=("<|endoftext|>",),
     ),
     # Made from an AWQ model and re-quantised (mostly Q5_0): a test subject, not a reference.
     ZooModel(
@@ -142,6 +148,7 @@ ZOO_MODELS = (
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         dtype=OutputDtype.BFLOAT16,
         calibration=PYTHON_STDLIB,
+        end_tokens=("<|endoftext|>",),
     ),
 )
 ZOO: dict[str, ZooModel] = {model.alias: model for model in ZOO_MODELS}
@@ -230,12 +237,14 @@ def zoo_checkpoint(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / model.name
     if (target / "config.json").is_file():
+        end_generation(target, model)  # a cache converted before `end_tokens` existed
         return target
     cache.mkdir(parents=True, exist_ok=True)
     gguf_path = joined_gguf(model, cache, progress=progress)
     staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=cache))
     try:
         convert_gguf(gguf_path, staging, model.dtype, progress=progress)
+        end_generation(staging, model)
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         try:
             staging.rename(target)
@@ -247,6 +256,23 @@ def zoo_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def end_generation(checkpoint: Path, model: ZooModel) -> None:
+    """Make the checkpoint's generation_config.json end a generation at `model.end_tokens` too
+    (after its own end-of-sequence token), rewriting the file only if it lacks one."""
+    if not model.end_tokens:
+        return
+    path = checkpoint / "generation_config.json"
+    config = json.loads(path.read_text())
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    ids = {token["content"]: token["id"] for token in tokenizer["added_tokens"]}
+    eos = config.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    wanted = eos + [ids[token] for token in model.end_tokens if ids[token] not in eos]
+    if wanted != eos:
+        config["eos_token_id"] = wanted
+        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def part_files(model: ZooModel) -> list[Path]:

@@ -75,15 +75,18 @@ def samples_path(results_path: str | Path) -> Path:
     return Path(results_path).with_suffix(".humaneval.jsonl")
 
 
-def generation_key(model_key: str, dtype: str, max_new_tokens: int) -> str:
-    """What a completion depends on: the model, its precision, the prompt protocol and cap.
-    (Batching — its size, which prompts share a batch — changes only float rounding under left
-    padding, so it is left out.)"""
+def generation_key(
+    model_key: str, dtype: str, max_new_tokens: int, end_tokens: Sequence[int]
+) -> str:
+    """What a completion depends on: the model, its precision, the prompt protocol, the cap and
+    the tokens that end it. (Batching — its size, which prompts share a batch — changes only
+    float rounding under left padding, so it is left out.)"""
     settings = {
         "model": model_key,
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "stop": list(STOP_SEQUENCES),
+        "end_tokens": sorted(end_tokens),
         "decoding": "greedy",
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

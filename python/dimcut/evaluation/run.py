@@ -154,7 +154,9 @@ def evaluate(
         if generator is not None:
             clock = time.perf_counter()
             if problems:
-                key = generation_key(_model_key(model_dir, facts), dtype.value, max_new_tokens)
+                key = generation_key(
+                    _model_key(model_dir, facts), dtype.value, max_new_tokens, generator.eos
+                )
                 task_entries["humaneval"] = humaneval.evaluate_humaneval(
                     generator,
                     problems,
