@@ -4,7 +4,7 @@
 # slicegpt sweep points s = 0.05 … 0.4 calibrated on code (`python-stdlib`, HumanEval's domain;
 # each point sliced, evaluated, deleted), and the plain/rms cut at an equal budget of 85 % of the
 # parameters, calibrated on code, and the same plain/rms cut at s = 0.1 and 0.25 (its law, beside
-# slicegpt's); `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
+# slicegpt's) and the depth cut near the same budget; `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
 # Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
 # each, with its HumanEval samples file); every finished HumanEval problem is appended to the
 # record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
@@ -15,6 +15,7 @@
 #   bash benches/generation_study.sh qwen   # long: see below
 #   bash benches/generation_study.sh qwen_budget   # ≈ 1 h: qwen's equal-budget point alone
 #   bash benches/generation_study.sh qwen_plain   # ≈ 2 h: qwen's plain/rms points alone
+#   bash benches/generation_study.sh qwen_layers   # ≈ 1 h: qwen's depth cut alone
 #   bash benches/generation_study.sh protocol_check   # seconds: before/after the protocol change
 #   bash benches/generation_study.sh qwen_wiki   # longer: the Wikipedia-calibrated contrast
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
@@ -56,6 +57,7 @@ qwen() {
     done
     qwen_budget
     qwen_plain
+    qwen_layers
 }
 
 # The best cut at an equal budget: plain/rms at 85 % of the parameters (part of `qwen`; alone, it
@@ -70,6 +72,15 @@ qwen_budget() {
         land "${file%.json}.humaneval.jsonl"
         rm -rf "$out"
     fi
+}
+
+# Depth against width on generation: ShortGPT's cut of 6 of the 28 layers (s = 0.2 → 0.214,
+# 1.496 B: just under the plain/rms budget point's 1.509 B), block influence measured on code. It
+# keeps every direction of the residual stream: does generation, like the perplexity of text the
+# calibration never saw (laws §6), suffer less from it than from losing width?
+qwen_layers() {
+    share_dense $G/qwen1.5b-slicegpt-code $G/qwen1.5b-layers-code
+    sweep_point $G/qwen1.5b-layers-code 0.2 "$QWEN" --format plain --method layers $CODE_CALIB $GENERATE
 }
 
 # The budget cut's own law: plain/rms at s = 0.1 and 0.25 (QWEN_PLAIN_S), which with the dense
@@ -183,6 +194,7 @@ collapse() {
     python3 benches/collapse_table.py -o $OUT/collapse.md \
         "Qwen-1.5B slicegpt, calibrated on code=$G/qwen1.5b-slicegpt-code" \
         "Qwen-1.5B plain/rms, calibrated on code=$G/qwen1.5b-plain-rms-code" \
+        "Qwen-1.5B layers (ShortGPT), calibrated on code=$G/qwen1.5b-layers-code" \
         "Qwen-1.5B slicegpt, calibrated on Wikipedia=$G/qwen1.5b-slicegpt" \
         "SmolLM2 slicegpt=$G/smollm2-slicegpt" \
         "SmolLM2 slicegpt, healed 50 steps=$G/smollm2-slicegpt-healed50"
@@ -252,4 +264,4 @@ PY
     fi
 }
 
-"${1:?usage: generation_study.sh qwen|qwen_budget|protocol_check|qwen_wiki|smol|smol_lambada|collapse|fits}"
+"${1:?usage: generation_study.sh qwen|qwen_budget|qwen_plain|qwen_layers|protocol_check|qwen_wiki|smol|smol_lambada|collapse|fits}"
