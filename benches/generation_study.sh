@@ -4,7 +4,7 @@
 # slicegpt sweep points s = 0.05 … 0.4 calibrated on code (`python-stdlib`, HumanEval's domain;
 # each point sliced, evaluated, deleted), and the plain/rms cut at an equal budget of 85 % of the
 # parameters, calibrated on code, and the same plain/rms cut at s = 0.1 and 0.25 (its law, beside
-# slicegpt's) and the depth cut near the same budget; `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
+# slicegpt's) and the depth cut (3 and 6 of the 28 layers); `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
 # Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
 # each, with its HumanEval samples file); every finished HumanEval problem is appended to the
 # record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
@@ -15,7 +15,7 @@
 #   bash benches/generation_study.sh qwen   # long: see below
 #   bash benches/generation_study.sh qwen_budget   # ≈ 1 h: qwen's equal-budget point alone
 #   bash benches/generation_study.sh qwen_plain   # ≈ 2 h: qwen's plain/rms points alone
-#   bash benches/generation_study.sh qwen_layers   # ≈ 1 h: qwen's depth cut alone
+#   bash benches/generation_study.sh qwen_layers   # ≈ 1.5 h: qwen's depth cuts alone
 #   bash benches/generation_study.sh protocol_check   # seconds: before/after the protocol change
 #   bash benches/generation_study.sh qwen_wiki   # longer: the Wikipedia-calibrated contrast
 #   bash benches/generation_study.sh smol   # ≈ 1–3 h: SmolLM2 collapse, healed and not
@@ -41,6 +41,7 @@ QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
 # QWEN_S chooses points, so two cores can each run some: QWEN_S="0.25" … qwen beside QWEN_S="0.2 0.3".
 S=${QWEN_S:-"0.05 0.1 0.2 0.25 0.3 0.4"}
 PLAIN_S=${QWEN_PLAIN_S:-"0.1 0.25"}
+LAYERS_S=${QWEN_LAYERS_S:-"0.1 0.2"}
 # Code calibration, otherwise the laws' protocol: Qwen calibrated on Wikipedia prose answers
 # HumanEval's prompts in prose from s = 0.05 on (P(indented first token), benches/first_token.py:
 # 0.997 dense, 0.063 — 0.997 calibrated on code), so its HumanEval measures the calibration's
@@ -74,13 +75,18 @@ qwen_budget() {
     fi
 }
 
-# Depth against width on generation: ShortGPT's cut of 6 of the 28 layers (s = 0.2 → 0.214,
-# 1.496 B: just under the plain/rms budget point's 1.509 B), block influence measured on code. It
-# keeps every direction of the residual stream: does generation, like the perplexity of text the
-# calibration never saw (laws §6), suffer less from it than from losing width?
+# Depth against width on generation: ShortGPT's cut of 3 and 6 of the 28 layers (QWEN_LAYERS_S
+# = 0.1, 0.2 → s = 0.107, 0.214; 6 layers leave 1.496 B, just under the plain/rms budget point's
+# 1.509 B), block influence measured on code. It keeps every direction of the residual stream:
+# does generation, like the perplexity of text the calibration never saw (laws §6), suffer less
+# from it than from losing width?
 qwen_layers() {
+    local s
     share_dense $G/qwen1.5b-slicegpt-code $G/qwen1.5b-layers-code
-    sweep_point $G/qwen1.5b-layers-code 0.2 "$QWEN" --format plain --method layers $CODE_CALIB $GENERATE
+    for s in $LAYERS_S; do
+        sweep_point $G/qwen1.5b-layers-code "$s" "$QWEN" --format plain --method layers \
+            $CODE_CALIB $GENERATE
+    done
 }
 
 # The budget cut's own law: plain/rms at s = 0.1 and 0.25 (QWEN_PLAIN_S), which with the dense
@@ -205,12 +211,16 @@ collapse() {
 # records (Qwen's, SmolLM2's LAMBADA one). A point where a task scores 0 (nothing passes: ln 0)
 # is outside the law's domain: its copy for the fit leaves that task out, and the tables say so.
 fits() {
-    local plain=()
-    # The budget point joins its cut's sweep once that has a point of its own (a line needs two).
+    local more=()
+    # Each cut joins once it has two sliced points (a line needs two): plain/rms's sweep with the
+    # budget point, which is one of its points.
     if compgen -G "$G/qwen1.5b-plain-rms-code/s*.json" >/dev/null; then
-        plain=($G/qwen1.5b-plain-rms-code $G/budget/qwen1.5b-b0.85-plain-rms-code.json)
+        more+=($G/qwen1.5b-plain-rms-code $G/budget/qwen1.5b-b0.85-plain-rms-code.json)
     fi
-    fit_sweep generation-qwen-code $G/qwen1.5b-slicegpt-code "${plain[@]}"
+    if [ "$(compgen -G "$G/qwen1.5b-layers-code/s*.json" | wc -l)" -ge 2 ]; then
+        more+=($G/qwen1.5b-layers-code)
+    fi
+    fit_sweep generation-qwen-code $G/qwen1.5b-slicegpt-code "${more[@]}"
     fit_sweep generation-qwen $G/qwen1.5b-slicegpt
     fit_sweep generation-smol $G/smollm2-slicegpt-lambada
 }
