@@ -1,10 +1,10 @@
 """Collapse under slicing, as a table: for each sweep of generation records (`dimcut sweep ...
 --tasks humaneval[,lambada_generate]`), one row per point with HumanEval's pass@1 and the
 collapse metrics of its completions (rep-4: repeated 4-grams; distinct-2; the fraction of
-completions that end in a loop; the fraction cut at the token cap; the fraction whose program — prompt, completion and tests —
-does not compile, a failure of form rather than of logic (blank lines compile: the prompt's
-docstring is a function body)), and
-LAMBADA-by-generation accuracy where measured. The collapse metrics are measured again from each record's samples file
+completions that end in a loop; the fraction cut at the token cap; the fraction whose program —
+prompt, completion and tests — does not compile, a failure of form rather than of logic; blank
+lines compile, the prompt's docstring being a function body), and LAMBADA-by-generation accuracy
+where measured. The collapse metrics are measured again from each record's samples file
 (`<record>.humaneval.jsonl`, the completions) with today's definitions
 (`dimcut.evaluation.collapse`), so records written before a definition changed stay comparable.
 
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from dimcut.evaluation.collapse import collapse_metrics
-from dimcut.evaluation.humaneval import load_problems, program
+from dimcut.evaluation.humaneval import Problem, load_problems, program
 
 COLUMNS = (
     "cut",
@@ -49,7 +49,7 @@ def _compiles(source: str) -> bool:
     return True
 
 
-def _remeasured(record_file: Path, problems: dict) -> dict:
+def _remeasured(record_file: Path, problems: dict[str, Problem]) -> dict:
     """The collapse metrics of the record's completions and the fraction of them that do not
     compile, or {} without its samples file."""
     samples = record_file.with_suffix(".humaneval.jsonl")
@@ -63,7 +63,7 @@ def _remeasured(record_file: Path, problems: dict) -> dict:
     return {**collapse_metrics(list(by_task.values())), "uncompilable": broken / len(by_task)}
 
 
-def rows(label: str, runs: Path, problems: dict) -> list[list[str]]:
+def rows(label: str, runs: Path, problems: dict[str, Problem]) -> list[list[str]]:
     records = []
     for path in runs.glob("*.json"):
         record = json.loads(path.read_text())

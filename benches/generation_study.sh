@@ -4,7 +4,8 @@
 # slicegpt sweep points s = 0.05 … 0.4 calibrated on code (`python-stdlib`, HumanEval's domain;
 # each point sliced, evaluated, deleted), and the plain/rms cut at an equal budget of 85 % of the
 # parameters, calibrated on code, and the same plain/rms cut at s = 0.1, 0.2 and 0.25 (its law,
-# beside slicegpt's) and the depth cut (3, 6 and 9 of the 28 layers); `qwen_wiki` runs the same points calibrated on the laws study's Wikipedia text.
+# beside slicegpt's) and the depth cut (3, 6 and 9 of the 28 layers); `qwen_wiki` runs the same
+# points calibrated on the laws study's Wikipedia text.
 # Resumable: records land in docs/results/generation/ as they finish (COMMIT_RECORDS=1 commits
 # each, with its HumanEval samples file); every finished HumanEval problem is appended to the
 # record's samples file (<record>.humaneval.jsonl), so an interrupted point resumes from its
@@ -27,7 +28,7 @@
 # problem dense and 15–23 s for the code-calibrated cuts (more completions run to the 512-token
 # cap as s grows: 34–62 min for 164 problems, LAMBADA by generation included); calibrated on
 # Wikipedia, prose to the cap, ≈ 58 s (static batches). `qwen`: ten models, ≈ 10–14 h on one
-# core; QWEN_S and QWEN_PLAIN_S split it across cores.
+# core; QWEN_S, QWEN_PLAIN_S and QWEN_LAYERS_S split it across cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -75,30 +76,31 @@ qwen_budget() {
     fi
 }
 
+# code_sweep RUNS "S1 S2 ..." [cut options...]: another cut of Qwen calibrated on code, point by
+# point, beside the slicegpt sweep whose dense point it shares.
+code_sweep() {
+    local runs=$1 points=$2 s
+    shift 2
+    share_dense $G/qwen1.5b-slicegpt-code "$runs"
+    for s in $points; do
+        sweep_point "$runs" "$s" "$QWEN" "$@" $CODE_CALIB $GENERATE
+    done
+}
+
 # Depth against width on generation: ShortGPT's cut of 3, 6 and 9 of the 28 layers (QWEN_LAYERS_S
 # = 0.1, 0.2, 0.3 → s = 0.107, 0.214, 0.321; 6 layers leave 1.496 B, just under the plain/rms
-# budget point's 1.509 B), block influence measured on code; 9 layers are held out of its fit. It keeps every direction of the residual stream:
-# does generation, like the perplexity of text the calibration never saw (laws §6), suffer less
-# from it than from losing width?
+# budget point's 1.509 B), block influence measured on code; 9 layers are held out of its fit.
+# It keeps every direction of the residual stream: does generation, like the perplexity of text
+# the calibration never saw (laws §6), suffer less from it than from losing width?
 qwen_layers() {
-    local s
-    share_dense $G/qwen1.5b-slicegpt-code $G/qwen1.5b-layers-code
-    for s in $LAYERS_S; do
-        sweep_point $G/qwen1.5b-layers-code "$s" "$QWEN" --format plain --method layers \
-            $CODE_CALIB $GENERATE
-    done
+    code_sweep $G/qwen1.5b-layers-code "$LAYERS_S" --format plain --method layers
 }
 
 # The budget cut's own law: plain/rms at s = 0.1, 0.2 and 0.25 (QWEN_PLAIN_S), which with the
 # dense point and the budget point (s = 0.151) fits ln(acc/acc₀) = a·s + b on s ≤ 0.2 and
 # predicts 0.25. The sweep rotates once for all its points (RUNS/rotations-plain/).
 qwen_plain() {
-    local s
-    share_dense $G/qwen1.5b-slicegpt-code $G/qwen1.5b-plain-rms-code
-    for s in $PLAIN_S; do
-        sweep_point $G/qwen1.5b-plain-rms-code "$s" "$QWEN" --format plain --weighting rms \
-            $CODE_CALIB $GENERATE
-    done
+    code_sweep $G/qwen1.5b-plain-rms-code "$PLAIN_S" --format plain --weighting rms
 }
 
 # What the protocol change did: the points first measured with static batches and
